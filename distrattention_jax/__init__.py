@@ -1,0 +1,15 @@
+"""DistrAttention for JAX: attention with the head dimension grouped per query block."""
+
+from distrattention_jax.attention import distr_attention
+from distrattention_jax.config import DistrConfig
+from distrattention_jax.grouping import block_permutations
+from distrattention_jax.reference import distr_attention_reference, exact_attention
+
+__all__ = [
+    "DistrConfig",
+    "block_permutations",
+    "distr_attention",
+    "distr_attention_reference",
+    "exact_attention",
+]
+__version__ = "0.1.0"

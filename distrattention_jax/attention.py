@@ -1,0 +1,117 @@
+"""The public function: validate, group the head dimension, dispatch to a backend."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from distrattention_jax import config as config_lib
+from distrattention_jax import grouping as grouping_lib
+from distrattention_jax import xla as xla_lib
+
+
+def _resolve_implementation(implementation, masks: config_lib.Masks, dtype) -> str:
+  if implementation is not None and implementation not in config_lib.IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be None or one of {config_lib.IMPLEMENTATIONS}, got "
+        f"{implementation!r}")
+  if implementation is None:
+    from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
+    if jax.default_backend() == "gpu" and pallas_ops.supports(masks, dtype) is None:
+      return "pallas"
+    return "xla"
+  if implementation in ("pallas", "pallas_interpret"):
+    from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
+    reason = pallas_ops.supports(masks, dtype)
+    if reason is not None:
+      raise NotImplementedError(
+          f"implementation={implementation!r} does not support {reason}; use "
+          "implementation='xla' (or None to choose automatically)")
+    if implementation == "pallas" and jax.default_backend() != "gpu":
+      raise ValueError(
+          "implementation='pallas' needs a GPU backend (jax.default_backend() is "
+          f"{jax.default_backend()!r}); use 'pallas_interpret' to run the kernels on a "
+          "CPU, or 'xla'")
+  return implementation
+
+
+def distr_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    group_size: int = 2,
+    block_q: int = 64,
+    num_projs: int = 16,
+    representative: str = "mean",
+    grouping: str = "lsh",
+    seed: int = 0,
+    scale: float | None = None,
+    is_causal: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids=None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+  """DistrAttention: softmax attention with `Q K^T` contracted over `d / group_size`.
+
+  Per block of `block_q` query rows, the `d` head-dim columns are grouped (by LSH by
+  default); each group keeps one representative column of Q and the sum of its K
+  columns, so scores cost `d / group_size` instead of `d` per key while every key is
+  still attended and V is used in full. `group_size=1` is exact attention.
+
+  Args:
+    query: `[batch, q_len, heads, d]`.
+    key: `[batch, kv_len, kv_heads, d]`; `heads % kv_heads == 0` (GQA/MQA).
+    value: `[batch, kv_len, kv_heads, dv]`.
+    group_size: columns per group G, a power of two dividing d (1 = exact).
+    block_q: query rows sharing one grouping, a power of two; smaller is more accurate.
+      The last block may be short; a block_q >= q_len gives one grouping per sequence.
+    num_projs: LSH projections (bits of the hash), 1..30.
+    representative: "mean" (mean of the group's Q columns) or "sample" (its first
+      column, as in the paper).
+    grouping: "lsh" (the paper's angular LSH) or "random" (a control).
+    seed: seed of the LSH projections (or of the random grouping).
+    scale: score scale, default `1 / sqrt(d)`.
+    is_causal: query i attends keys j <= i (top-left aligned, as jax.nn).
+    mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True = attend.
+    segment_ids: int `[batch, seq_len]` (self-attention) or a pair
+      `(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`; queries attend
+      keys of their own segment only.
+    query_seq_lengths, key_value_seq_lengths: int `[batch]`; positions at or past the
+      length are padding (padding query rows return 0 and do not affect the grouping).
+    implementation: None (best available: "pallas" on a GPU when it supports the
+      options, else "xla"), "xla", "pallas" (Triton kernels, GPU) or "pallas_interpret"
+      (the same kernels in the Pallas interpreter, any backend).
+
+  Returns:
+    `[batch, q_len, heads, dv]` in the input dtype. Rows with no key to attend are 0.
+  """
+  masks = config_lib.validate_inputs(
+      query, key, value, scale=scale, is_causal=is_causal, mask=mask,
+      segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths)
+  cfg = config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
+                               seed).validate(query.shape[-1])
+  implementation = _resolve_implementation(implementation, masks, query.dtype)
+  q_len, kv_len = query.shape[1], key.shape[1]
+  scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+  perm = None
+  if cfg.group_size > 1:
+    perm = grouping_lib.block_permutations(
+        query, block_q=cfg.block_q, group_size=cfg.group_size, grouping=cfg.grouping,
+        num_projs=cfg.num_projs, seed=cfg.seed, query_valid=masks.query_valid(q_len))
+
+  if implementation == "xla":
+    return xla_lib.distr_attention_xla(
+        query, key, value, perm, group_size=cfg.group_size, block_q=cfg.block_q,
+        representative=cfg.representative, scale=scale,
+        allowed=masks.dense(q_len, kv_len))
+  from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
+  return pallas_ops.distr_attention_pallas(
+      query, key, value, perm, masks, group_size=cfg.group_size, block_q=cfg.block_q,
+      representative=cfg.representative, scale=scale,
+      interpret=implementation == "pallas_interpret")

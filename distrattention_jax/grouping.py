@@ -1,0 +1,134 @@
+"""Column grouping per query block, and the linear maps it induces.
+
+`block_permutations` decides, per block of `block_q` query rows, which head-dim columns
+form a group (DESIGN.md steps 2-3). The other functions turn a permutation into the
+matrices that implement step 4 as small matmuls:
+
+* `membership`   M  `[..., d, d/G]`: `M[c, g] = 1` iff column c is in group g, so
+  `K_fused = K @ M` (the sum of each group's key columns).
+* `rep_weights`  W  `[..., d, d/G]`: `Q_rep = Q @ W` ("mean": `M / G`; "sample": the
+  one-hot of each group's first column).
+* `Q_exp = Q_rep @ M^T` puts each representative back into every column of its group, so
+  `Q_rep K_fused^T == Q_exp K^T` (the identity the backward and the XLA path rely on).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from distrattention_jax import lsh
+
+
+def block_permutations(
+    query: jax.Array,
+    *,
+    block_q: int,
+    group_size: int,
+    grouping: str = "lsh",
+    num_projs: int = 16,
+    seed: int = 0,
+    query_valid: jax.Array | None = None,
+) -> jax.Array:
+  """Column permutation of every query block: int32 `[batch, heads, num_blocks, d]`.
+
+  Consecutive runs of `group_size` entries are the groups. `grouping`:
+    "lsh": the paper's angular LSH with Gray-code ordering (`lsh.lsh_permutations`).
+    "random": a random permutation per block (a control for accuracy studies).
+  The result is a constant for differentiation (`stop_gradient`).
+  """
+  del group_size  # every grouping here orders columns; the size only cuts the order
+  if grouping == "lsh":
+    perm = lsh.lsh_permutations(query, block_q=block_q, num_projs=num_projs, seed=seed,
+                                query_valid=query_valid)
+  elif grouping == "random":
+    batch, q_len, heads, d = query.shape
+    num_blocks = -(-q_len // block_q)
+    keys = jax.random.split(jax.random.key(seed), batch * heads * num_blocks)
+    perm = jax.vmap(lambda k: jax.random.permutation(k, d))(keys)
+    perm = perm.reshape(batch, heads, num_blocks, d).astype(jnp.int32)
+  else:
+    raise ValueError(f"grouping must be one of ('lsh', 'random'), got {grouping!r}")
+  return jax.lax.stop_gradient(perm)
+
+
+def group_of_column(perm: jax.Array, group_size: int) -> jax.Array:
+  """int32 `[..., d]`: the group index of every column (inverse permutation // G)."""
+  return (jnp.argsort(perm, axis=-1) // group_size).astype(jnp.int32)
+
+
+def membership(perm: jax.Array, group_size: int, dtype=jnp.float32) -> jax.Array:
+  """One-hot `[..., d, d/G]`: entry (c, g) is 1 iff column c belongs to group g."""
+  d = perm.shape[-1]
+  return jax.nn.one_hot(group_of_column(perm, group_size), d // group_size, dtype=dtype)
+
+
+def rep_weights(perm: jax.Array, group_size: int, representative: str,
+                dtype=jnp.float32) -> jax.Array:
+  """`[..., d, d/G]` weights W with `Q_rep = Q @ W` for the chosen representative."""
+  d = perm.shape[-1]
+  if representative == "mean":
+    return membership(perm, group_size, dtype) / group_size
+  if representative == "sample":
+    first = perm[..., ::group_size]  # first column of each group: [..., d/G]
+    return jnp.swapaxes(jax.nn.one_hot(first, d, dtype=dtype), -1, -2)
+  raise ValueError(f"representative must be 'mean' or 'sample', got {representative!r}")
+
+
+def member_indices(perm: jax.Array, group_size: int) -> jax.Array:
+  """int32 `[..., G, d/G]`: row j lists the j-th member column of every group."""
+  d = perm.shape[-1]
+  return jnp.swapaxes(perm.reshape(perm.shape[:-1] + (d // group_size, group_size)), -1, -2)
+
+
+def _to_blocks(x: jax.Array, block_q: int) -> jax.Array:
+  """`[B, T, H, c]` -> `[B, H, nb, rows, c]`, rows = min(block_q, T), zero-padded."""
+  batch, length, heads, c = x.shape
+  rows = min(block_q, length)
+  num_blocks = -(-length // block_q)
+  x = jnp.pad(x, ((0, 0), (0, num_blocks * rows - length), (0, 0), (0, 0)))
+  return jnp.transpose(x.reshape(batch, num_blocks, rows, heads, c), (0, 3, 1, 2, 4))
+
+
+def _from_blocks(xb: jax.Array, length: int) -> jax.Array:
+  """Inverse of `_to_blocks`: `[B, H, nb, rows, c]` -> `[B, length, H, c]`."""
+  batch, heads, num_blocks, rows, c = xb.shape
+  x = jnp.transpose(xb, (0, 2, 3, 1, 4)).reshape(batch, num_blocks * rows, heads, c)
+  return x[:, :length]
+
+
+def _matmul(x, w):
+  # Exact for one-hot/averaging weights: f32 accumulation, no TF32 rounding on GPUs.
+  return jnp.einsum("bhnrd,bhndg->bhnrg", x, w.astype(x.dtype),
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def query_representatives(query, perm, group_size, block_q, representative):
+  """`Q_rep`: `[B, T, H, d/G]`, each row using its block's grouping."""
+  w = rep_weights(perm, group_size, representative)
+  return _from_blocks(_matmul(_to_blocks(query, block_q), w), query.shape[1])
+
+
+def expand_query(query, perm, group_size, block_q, representative):
+  """`Q_exp`: `[B, T, H, d]`, each group's representative in every column of the group."""
+  w = rep_weights(perm, group_size, representative)
+  m = membership(perm, group_size)
+  expand = jnp.einsum("bhndg,bhncg->bhndc", w, m)  # [.., d, d]: Q_exp = Q @ (W M^T)
+  return _from_blocks(_matmul(_to_blocks(query, block_q), expand), query.shape[1])
+
+
+def fuse_keys(key, perm, group_size):
+  """`K_fused`: `[B, H, nb, Tk, d/G]`, the sum of each group's key columns per block.
+
+  `key` is `[B, Tk, Hkv, d]`; with GQA each query head gets its own fused keys, since
+  its grouping is its own.
+  """
+  batch, kv_len, kv_heads, d = key.shape
+  heads = perm.shape[1]
+  m = membership(perm, group_size).reshape(batch, kv_heads, heads // kv_heads,
+                                           perm.shape[2], d, d // group_size)
+  k_fused = jnp.einsum("bskd,bkrndg->bkrnsg", key, m.astype(key.dtype),
+                       precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+  return k_fused.reshape(batch, heads, perm.shape[2], kv_len, d // group_size).astype(key.dtype)

@@ -1,0 +1,126 @@
+"""Pure-jnp oracles: exact attention and a direct transcription of DistrAttention.
+
+These are written for clarity, not speed, and compute in float32 (float64 stays
+float64) whatever the input dtype; the result has the input dtype. Every other
+implementation is tested against them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from distrattention_jax import config as config_lib
+from distrattention_jax import grouping as grouping_lib
+
+
+def _compute_dtype(dtype):
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _softmax_times_values(scores, value, allowed):
+  """softmax(scores) @ value over keys where `allowed`; rows with no key give 0.
+
+  scores: [B, H, Tq, Tk]; value: [B, Tk, H, dv]; allowed: bool broadcastable or None.
+  """
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # fully masked row
+  weights = jnp.exp(scores - row_max)
+  if allowed is not None:
+    weights = jnp.where(allowed, weights, 0.0)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(denom == 0, 1.0, denom)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, value, precision=jax.lax.Precision.HIGHEST)
+
+
+def _repeat_kv(x, heads):
+  """GQA: [B, T, kv_heads, d] -> [B, T, heads, d], each kv head serving heads/kv_heads."""
+  return jnp.repeat(x, heads // x.shape[2], axis=2)
+
+
+def exact_attention(query, key, value, *, scale=None, is_causal=False, mask=None,
+                    segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None):
+  """Exact softmax attention, `[B, Tq, H, d] x [B, Tk, Hkv, d] x [B, Tk, Hkv, dv] -> [B, Tq, H, dv]`.
+
+  Same layout and mask conventions as `distr_attention`; rows with no allowed key give 0.
+  """
+  masks = config_lib.validate_inputs(
+      query, key, value, scale=scale, is_causal=is_causal, mask=mask,
+      segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths)
+  ct = _compute_dtype(query.dtype)
+  batch, q_len, heads, d = query.shape
+  kv_len = key.shape[1]
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  q = query.astype(ct)
+  k = _repeat_kv(key.astype(ct), heads)
+  v = _repeat_kv(value.astype(ct), heads)
+  scores = scale * jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+  out = _softmax_times_values(scores, v, masks.dense(q_len, kv_len))
+  return out.astype(query.dtype)
+
+
+def distr_attention_reference(
+    query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
+    grouping="lsh", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
+    query_seq_lengths=None, key_value_seq_lengths=None, perm=None):
+  """DistrAttention, transcribed step by step from DESIGN.md section 1.
+
+  Args:
+    query, key, value: `[B, Tq, H, d]`, `[B, Tk, Hkv, d]`, `[B, Tk, Hkv, dv]`.
+    perm: optional int `[B, H, ceil(Tq / block_q), d]` column permutations; by default
+      they are computed by `grouping.block_permutations` (LSH) exactly as
+      `distr_attention` does.
+    Other arguments as `distr_attention`.
+
+  Returns:
+    `[B, Tq, H, dv]` in the input dtype.
+  """
+  masks = config_lib.validate_inputs(
+      query, key, value, scale=scale, is_causal=is_causal, mask=mask,
+      segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths)
+  config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
+                         seed).validate(query.shape[-1])
+  ct = _compute_dtype(query.dtype)
+  batch, q_len, heads, d = query.shape
+  kv_len = key.shape[1]
+  num_groups = d // group_size
+  scale = 1.0 / math.sqrt(d) if scale is None else scale  # full d: Qrep Kf^T estimates Q K^T
+  if perm is None:
+    perm = grouping_lib.block_permutations(
+        query, block_q=block_q, group_size=group_size, grouping=grouping,
+        num_projs=num_projs, seed=seed, query_valid=masks.query_valid(q_len))
+
+  # Step 1: row blocks of block_q query rows (the last may be short; pad it with zeros).
+  rows = min(block_q, q_len)
+  num_blocks = -(-q_len // block_q)
+  assert perm.shape == (batch, heads, num_blocks, d), perm.shape
+  q = jnp.transpose(query.astype(ct), (0, 2, 1, 3))  # [B, H, Tq, d]
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, num_blocks * rows - q_len), (0, 0)))
+  q_blocks = q.reshape(batch, heads, num_blocks, rows, d)
+  k = jnp.transpose(_repeat_kv(key.astype(ct), heads), (0, 2, 1, 3))  # [B, H, Tk, d]
+
+  # Steps 2-3 gave `perm`; consecutive runs of G entries are the groups.
+  # Step 4: gather each block's columns in group order, then sample or average Q's
+  # members and sum K's members.
+  q_sorted = jnp.take_along_axis(q_blocks, perm[:, :, :, None, :], axis=-1)
+  q_sorted = q_sorted.reshape(batch, heads, num_blocks, rows, num_groups, group_size)
+  if representative == "sample":
+    q_rep = q_sorted[..., 0]
+  else:
+    q_rep = jnp.mean(q_sorted, axis=-1)
+  k_sorted = jnp.take_along_axis(k[:, :, None], perm[:, :, :, None, :], axis=-1)
+  k_fused = k_sorted.reshape(batch, heads, num_blocks, kv_len, num_groups, group_size).sum(-1)
+  scores = scale * jnp.einsum("bhnrg,bhnkg->bhnrk", q_rep, k_fused,
+                              precision=jax.lax.Precision.HIGHEST)
+  scores = scores.reshape(batch, heads, num_blocks * rows, kv_len)[:, :, :q_len]
+
+  # Step 5: ordinary masked softmax times the full V.
+  v = _repeat_kv(value.astype(ct), heads)
+  out = _softmax_times_values(scores, v, masks.dense(q_len, kv_len))
+  return out.astype(query.dtype)

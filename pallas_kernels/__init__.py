@@ -1,0 +1,1 @@
+"""Pallas (Triton backend) kernels for DistrAttention. Arrays and tile sizes in, arrays out."""
