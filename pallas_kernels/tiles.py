@@ -1,0 +1,50 @@
+"""Tile sizes for the Pallas Triton kernels, one table keyed by (d, G, dtype).
+
+`d` here is the width of the score contraction the kernel sees (`d / G` padded to >= 16
+for the grouped paths), `dv` the padded value width. Entries were chosen from
+measurements on the GPU (see the comment on TABLE); everything else falls back to a
+heuristic that fits shared memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Static tile sizes of one kernel launch.
+
+  block_m: query rows per program (forward, dQ).
+  block_k: key rows per loop step (forward, dQ).
+  block_m_bwd / block_k_bwd: the same for the dK/dV kernel.
+  """
+
+  block_m: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  block_m_bwd: int = 64
+  block_k_bwd: int = 64
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+
+# (score width, value width) -> Tiles, filled from H100 measurements (bf16, N=16384,
+# B=1, H=16). Keys missing here use `default_tiles`.
+TABLE: dict[tuple[int, int], Tiles] = {}
+
+
+def default_tiles(score_width: int, value_width: int) -> Tiles:
+  if value_width >= 256:
+    return Tiles(block_m=64, block_k=64, num_warps=4, num_stages=2,
+                 block_m_bwd=32, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=1)
+  if value_width >= 128:
+    return Tiles(block_m=128, block_k=64, num_warps=8, num_stages=2,
+                 block_m_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
+  return Tiles(block_m=128, block_k=64, num_warps=4, num_stages=2,
+               block_m_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
+
+
+def tiles_for(score_width: int, value_width: int) -> Tiles:
+  return TABLE.get((score_width, value_width)) or default_tiles(score_width, value_width)
