@@ -97,11 +97,16 @@ def _from_blocks(xb: jax.Array, length: int) -> jax.Array:
   return x[:, :length]
 
 
+def _acc_dtype(dtype):
+  """Accumulation dtype: float32, or float64 for float64 inputs (never round them)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _matmul(x, w):
-  # Exact for one-hot/averaging weights: f32 accumulation, no TF32 rounding on GPUs.
+  # Exact for one-hot/averaging weights: f32 (f64 for f64) accumulation, no TF32 rounding.
   return jnp.einsum("bhnrd,bhndg->bhnrg", x, w.astype(x.dtype),
                     precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32).astype(x.dtype)
+                    preferred_element_type=_acc_dtype(x.dtype)).astype(x.dtype)
 
 
 def query_representatives(query, perm, group_size, block_q, representative):
@@ -130,5 +135,5 @@ def fuse_keys(key, perm, group_size):
                                            perm.shape[2], d, d // group_size)
   k_fused = jnp.einsum("bskd,bkrndg->bkrnsg", key, m.astype(key.dtype),
                        precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=_acc_dtype(key.dtype))
   return k_fused.reshape(batch, heads, perm.shape[2], kv_len, d // group_size).astype(key.dtype)
