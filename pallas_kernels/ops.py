@@ -107,7 +107,7 @@ class _Launch:
     return backward_lib.backward(
         q_like, k_like, value, out, lse, d_out, q_seg, kv_seg, layout=layout,
         scale=self.scale, causal=self.causal, kv_len=self.kv_len, block_q=self.block_q,
-        block_m=t.block_m_bwd, block_k=t.block_k, block_m_dkv=t.block_m_bwd,
+        block_m=t.block_m_bwd, block_k=t.block_k_bwd, block_m_dkv=t.block_m_bwd,
         block_k_dkv=t.block_k_bwd, num_warps=t.num_warps_bwd,
         num_stages=t.num_stages_bwd, num_warps_dkv=t.num_warps_bwd,
         num_stages_dkv=t.num_stages_bwd, interpret=self.interpret)
@@ -214,8 +214,8 @@ def distr_attention_pallas(query, key, value, perm, masks, *, group_size, block_
         f"(got block_q={block_q}); use implementation='xla' for smaller blocks")
   width = _pow2_at_least(num_groups)
   dv_width = _pow2_at_least(dv)
-  t = tiles or tiles_lib.tiles_for(width if layout != "gather" else
-                                   _pow2_at_least(head_dim), dv_width)
+  t = tiles or tiles_lib.tiles_for(
+      layout, _pow2_at_least(head_dim) if layout == "gather" else width, dv_width)
   short_q = _pow2_at_least(q_len)
   short_k = _pow2_at_least(kv_len)
   if layout == "gather":
@@ -224,8 +224,11 @@ def distr_attention_pallas(query, key, value, perm, masks, *, group_size, block_
     block_m = min(t.block_m, short_q, block_q if layout == "blocks" else t.block_m)
   block_m_bwd = min(t.block_m_bwd, block_m)
   block_k = min(t.block_k, short_k)
+  num_warps = t.num_warps
+  if layout == "gather" and block_m >= 128 and dv_width >= 128:
+    num_warps = 8  # measured: 128-row tiles with a 128-wide accumulator want 8 warps
   t = dataclasses.replace(t, block_m=block_m, block_k=block_k, block_m_bwd=block_m_bwd,
-                          block_k_bwd=min(t.block_k_bwd, block_k))
+                          block_k_bwd=min(t.block_k_bwd, block_k), num_warps=num_warps)
   q_len_padded = _round_up(q_len, block_m)
   kv_len_padded = _round_up(kv_len, block_k)
   q_seg, kv_seg = _segments(masks, q_len_padded, kv_len_padded)

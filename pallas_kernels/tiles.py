@@ -30,9 +30,20 @@ class Tiles:
   num_stages_bwd: int = 2
 
 
-# (score width, value width) -> Tiles, filled from H100 measurements (bf16, N=16384,
-# B=1, H=16). Keys missing here use `default_tiles`.
-TABLE: dict[tuple[int, int], Tiles] = {}
+# (layout, score width, value width) -> Tiles. Filled from forward sweeps of
+# `python -m benchmarks.tune` on an NVIDIA H100 80GB HBM3 (jax 0.11.2, bf16, B=1, H=16,
+# N=16384, non-causal), 2026-11-23. Keys missing here use `default_tiles`.
+TABLE: dict[tuple[str, int, int], Tiles] = {
+    ("btnh", 128, 128): Tiles(block_m=128, block_k=128, num_warps=8, num_stages=3),
+    ("btnh", 64, 64): Tiles(block_m=64, block_k=64, num_warps=4, num_stages=3),
+    ("blocks", 64, 128): Tiles(block_m=128, block_k=128, num_warps=8, num_stages=3),
+    ("blocks", 32, 128): Tiles(block_m=128, block_k=128, num_warps=8, num_stages=3),
+    ("blocks", 32, 64): Tiles(block_m=64, block_k=128, num_warps=4, num_stages=2),
+    ("blocks", 16, 64): Tiles(block_m=128, block_k=128, num_warps=4, num_stages=3),
+    # "gather": block_m is the grouping block; 8 warps when it is 128 rows (ops.py).
+    ("gather", 128, 128): Tiles(block_m=64, block_k=128, num_warps=4, num_stages=2),
+    ("gather", 64, 64): Tiles(block_m=64, block_k=64, num_warps=4, num_stages=3),
+}
 
 
 def default_tiles(score_width: int, value_width: int) -> Tiles:
@@ -46,5 +57,8 @@ def default_tiles(score_width: int, value_width: int) -> Tiles:
                block_m_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
 
 
-def tiles_for(score_width: int, value_width: int) -> Tiles:
-  return TABLE.get((score_width, value_width)) or default_tiles(score_width, value_width)
+def tiles_for(layout: str, score_width: int, value_width: int) -> Tiles:
+  """Tiles for a layout ("btnh", "blocks", "gather"; for "gather" the score width is the
+  padded head dim) and padded score/value widths."""
+  return (TABLE.get((layout, score_width, value_width))
+          or default_tiles(score_width, value_width))
