@@ -215,22 +215,25 @@ def distr_attention_pallas(query, key, value, perm, masks, *, group_size, block_
   width = _pow2_at_least(num_groups)
   dv_width = _pow2_at_least(dv)
   t = tiles or tiles_lib.tiles_for(
-      layout, _pow2_at_least(head_dim) if layout == "gather" else width, dv_width)
+      layout, _pow2_at_least(head_dim) if layout == "gather" else width, dv_width,
+      jnp.dtype(query.dtype).itemsize)
   short_q = _pow2_at_least(q_len)
   short_k = _pow2_at_least(kv_len)
   if layout == "gather":
     block_m = block_q
   else:
     block_m = min(t.block_m, short_q, block_q if layout == "blocks" else t.block_m)
-  block_m_bwd = min(t.block_m_bwd, block_m)
+  block_m_bwd = min(t.block_m_bwd, short_q)
   block_k = min(t.block_k, short_k)
+  block_k_bwd = min(t.block_k_bwd, short_k)
   num_warps = t.num_warps
   if layout == "gather" and block_m >= 128 and dv_width >= 128:
     num_warps = 8  # measured: 128-row tiles with a 128-wide accumulator want 8 warps
   t = dataclasses.replace(t, block_m=block_m, block_k=block_k, block_m_bwd=block_m_bwd,
-                          block_k_bwd=min(t.block_k_bwd, block_k), num_warps=num_warps)
-  q_len_padded = _round_up(q_len, block_m)
-  kv_len_padded = _round_up(kv_len, block_k)
+                          block_k_bwd=block_k_bwd, num_warps=num_warps)
+  # Tiles are powers of two, so padding to the largest makes every tile divide.
+  q_len_padded = _round_up(q_len, max(block_m, block_m_bwd))
+  kv_len_padded = _round_up(kv_len, max(block_k, block_k_bwd))
   q_seg, kv_seg = _segments(masks, q_len_padded, kv_len_padded)
   launch = _Launch(layout=layout, scale=scale, causal=masks.is_causal, kv_len=kv_len,
                    block_q=block_q, tiles=t, interpret=interpret, num_groups=num_groups)
