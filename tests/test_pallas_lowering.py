@@ -1,0 +1,74 @@
+"""Every kernel configuration we ship lowers for CUDA, on a CPU (abstract H100).
+
+Catches unimplemented primitives, non-power-of-two blocks and bad gather shapes without
+a GPU; it cannot catch Triton compile errors or wrong results (the GPU tests do).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from distrattention_jax import config
+from pallas_kernels import ops, tiles
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="cuda")
+
+
+def _lower_grad(q_shape, kv_shape, dtype, group_size, block_q, causal, segments):
+  batch, q_len, heads, d = q_shape
+  masks = config.Masks(
+      is_causal=causal,
+      q_segment_ids=jnp.zeros((batch, q_len), jnp.int32) if segments else None,
+      kv_segment_ids=jnp.zeros((batch, kv_shape[1]), jnp.int32) if segments else None)
+
+  def loss(q, k, v, perm):
+    out = ops.distr_attention_pallas(q, k, v, perm if group_size > 1 else None, masks,
+                                     group_size=group_size, block_q=block_q,
+                                     representative="mean", scale=d ** -0.5)
+    return jnp.sum(out.astype(jnp.float32))
+
+  args = (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(kv_shape, dtype),
+          jax.ShapeDtypeStruct(kv_shape, dtype),
+          jax.ShapeDtypeStruct((batch, heads, -(-q_len // block_q), d), jnp.int32))
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+    with jax.sharding.use_abstract_mesh(mesh):
+      lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+          lowering_platforms=("cuda",))
+  return lowered.as_text()
+
+
+# Every table entry (d and G that give its widths), the gather path, f32/f16, masks.
+CONFIGS = [
+    # (d, group_size, block_q, dtype, causal, segments)
+    (128, 1, 64, jnp.bfloat16, False, False),
+    (64, 1, 64, jnp.bfloat16, True, False),
+    (128, 2, 1024, jnp.bfloat16, False, False),
+    (128, 4, 1024, jnp.bfloat16, True, True),
+    (64, 2, 4096, jnp.bfloat16, False, False),
+    (64, 4, 256, jnp.bfloat16, False, False),
+    (128, 4, 64, jnp.bfloat16, False, False),
+    (128, 4, 128, jnp.bfloat16, True, False),
+    (64, 2, 16, jnp.float16, False, True),
+    (256, 8, 32, jnp.bfloat16, False, False),
+    (32, 8, 512, jnp.float32, True, False),
+    (96, 1, 64, jnp.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("d,group_size,block_q,dtype,causal,segments", CONFIGS)
+def test_lowers_for_cuda(d, group_size, block_q, dtype, causal, segments):
+  text = _lower_grad((1, 1000, 4, d), (1, 900, 2, d), dtype, group_size, block_q, causal,
+                     segments)
+  # Forward, dQ and dK/dV kernels all became Triton calls.
+  assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+def test_table_entries_are_powers_of_two():
+  for key, t in tiles.TABLE.items():
+    for size in (t.block_m, t.block_k, t.block_m_bwd, t.block_k_bwd):
+      assert size >= 16 and size & (size - 1) == 0, (key, t)
