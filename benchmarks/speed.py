@@ -76,6 +76,9 @@ def main(argv=None):
   p.add_argument("--xla-max-n", type=int, default=8192)
   p.add_argument("--only", default=None, help="comma-separated substrings of names to run")
   p.add_argument("--quick", action="store_true", help="tiny CPU shapes (smoke test)")
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls, at least")
+  p.add_argument("--tag", default="", help="suffix of the output file names")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
   gpu = jax.default_backend() == "gpu"
@@ -98,8 +101,8 @@ def main(argv=None):
             f = jax.jit(fn) if mode == "fwd" else timing.loss_grad(fn)
             try:
               ms = timing.time_fn(f, sets, warmup=1 if args.quick else 3,
-                                  reps=2 if args.quick else 20,
-                                  min_time_s=0 if args.quick else 0.3)
+                                  reps=2 if args.quick else args.reps,
+                                  min_time_s=0 if args.quick else args.min_time)
             except Exception as e:  # noqa: BLE001  (OOM, unsupported: recorded, not fatal)
               print(f"{name} n={n} d={d} causal={causal} {mode}: {type(e).__name__}: "
                     f"{str(e)[:200]}", file=sys.stderr)
@@ -117,7 +120,7 @@ def main(argv=None):
     for base in ("cudnn", "ours G=1"):
       b = index.get((base, r["n"], r["d"], r["causal"], r["mode"]))
       r[f"speedup_vs_{base}"] = (b / r["ms"]) if (b and r["ms"]) else None
-  tag = "quick" if args.quick else info["device"].replace(" ", "_")
+  tag = ("quick" if args.quick else info["device"].replace(" ", "_")) + args.tag
   day = datetime.date.today().isoformat()
   path = timing.write_json(os.path.join(args.out_dir, f"speed-{tag}-{day}.json"),
                            {**info, "batch": args.batch, "heads": args.heads,
