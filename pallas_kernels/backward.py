@@ -3,15 +3,16 @@
 With `P = softmax(scale * Q_like K_like^T)` recomputed from the forward's log-sum-exp,
 `delta = rowsum(dO * O)` and `dS = P * (dO V^T - delta)`:
 
-* `_dkdv_kernel`, one program per (key tile x grouping block, batch, head), loops over
-  the query tiles of its grouping block: `dV += P^T dO`, `dK_like += dS^T Q_like`.
+* `_dkdv_kernel`, one program per (key tile, batch, head), loops over the grouping
+  blocks and their query tiles: `dV += P^T dO`, `dK_like += dS^T Q_like` (one dK_like
+  tile per grouping block).
 * `_dq_kernel`, one program per (query tile, batch, head), loops over key tiles:
   `dQ_like += dS K_like`.
 
 Score products are `w`-wide (`d/G` for fused keys) and value products `dv`-wide. Only
 the layouts "btnh" and "blocks" are differentiated here: the "gather" forward is
 differentiated as exact attention at `(Q_exp, K, V)` (see `ops.py`). dK/dV come out per
-query head and per grouping block (`[B, H, nb, Tk, .]`); the caller sums them.
+query head (and dK per grouping block); the caller sums over the heads of a kv head.
 """
 
 from __future__ import annotations
@@ -37,21 +38,16 @@ def _probs(q, k, lse, q_pos, k_pos, q_seg, kv_seg, *, qk_scale, causal, kv_len,
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                  dk_ref, dv_ref, *, scale, causal, kv_len, kv_len_padded, block_q,
-                 block_m, block_k, num_k_tiles):
-  pid = pl.program_id(0)
-  j, block = pid % num_k_tiles, pid // num_k_tiles
+                 block_m, block_k, num_blocks):
+  j = pl.program_id(0)
   keys = pl.ds(j * block_k, block_k)
-  k = k_ref[...]                                              # [bk, w]
   v = v_ref[...]                                              # [bk, dv]
   k_pos = j * block_k + jnp.arange(block_k)
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-  q_len_padded = q_ref.shape[0]
-  first = block * (block_q // block_m)
-  last = jnp.minimum(first + block_q // block_m, q_len_padded // block_m)
-  if causal:  # query tiles above the diagonal see none of these keys
-    first = jnp.maximum(first, jax.lax.div(j * block_k, block_m))
+  num_q_tiles = q_ref.shape[0] // block_m
+  tiles_per_block = block_q // block_m
 
-  def body(i, carry):
+  def q_tile(i, carry, k):
     dk, dv = carry
     rows = pl.ds(i * block_m, block_m)
     q = q_ref[rows, :]
@@ -66,10 +62,20 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
     dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
     return dk, dv
 
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(first, last, body, (dk, dv))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  def grouping_block(blk, dv):
+    # dK_like belongs to one grouping block (its keys were fused with that block's
+    # grouping); dV is the same V for every block, so it accumulates across them.
+    k = k_ref[blk]                                            # [bk, w]
+    first = blk * tiles_per_block
+    last = jnp.minimum(first + tiles_per_block, num_q_tiles)
+    if causal:  # query tiles above the diagonal see none of these keys
+      first = jnp.maximum(first, jax.lax.div(j * block_k, block_m))
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(first, last, lambda i, c: q_tile(i, c, k), (dk, dv))
+    dk_ref[blk] = (dk * scale).astype(dk_ref.dtype)
+    return dv
+
+  dv = jax.lax.fori_loop(0, num_blocks, grouping_block, jnp.zeros(v.shape, jnp.float32))
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -115,8 +121,8 @@ def backward(q_like, k_like, value, out, lse, d_out, q_seg, kv_seg, *, layout, s
   """Gradients of `forward` for layouts "btnh" and "blocks".
 
   Returns:
-    `dq_like [B, Tq, H, w]`, `dk [B, H, nb, Tk, w]`, `dv [B, H, nb, Tk, dv]` (per query
-    head and grouping block; nb = 1 for "btnh").
+    `dq_like [B, Tq, H, w]`, `dk [B, H, nb, Tk, w]` (per query head and grouping block;
+    nb = 1 for "btnh") and `dv [B, H, Tk, dv]` (per query head).
   """
   batch, q_len, heads, width = q_like.shape
   kv_len_padded, kv_heads, dv_width = value.shape[1], value.shape[2], value.shape[3]
@@ -150,50 +156,52 @@ def backward(q_like, k_like, value, out, lse, d_out, q_seg, kv_seg, *, layout, s
       name=f"distr_attention_dq_{layout}",
   )(q_like, k_like, value, d_out, lse, delta, q_seg, kv_seg)
 
-  # dK, dV: one program per (key tile, grouping block); grouping blocks are whole
-  # multiples of the dK/dV query tile.
+  # dK, dV: one program per key tile, looping over grouping blocks and their query tiles.
   num_blocks = k_like.shape[2] if layout == "blocks" else 1
   dkv_block_q = block_q if layout == "blocks" else q_len
   num_k_tiles = kv_len_padded // block_k_dkv
+  # K_like tiles for every grouping block of one key tile: ref [nb, bk, w].
   if layout == "btnh":
-    k_tile_spec = pl.BlockSpec((None, block_k_dkv, None, width),
-                               lambda p, b, h: (b, p % num_k_tiles, h // heads_per_kv, 0))
+    k_tiles = k_like[:, None]  # a grouping-block axis of 1: [B, 1, Tk, Hkv, w]
+    k_tile_spec = pl.BlockSpec((None, 1, block_k_dkv, None, width),
+                               lambda j, b, h: (b, 0, j, h // heads_per_kv, 0))
   else:
-    k_tile_spec = pl.BlockSpec(
-        (None, None, None, block_k_dkv, width),
-        lambda p, b, h: (b, h, p // num_k_tiles, p % num_k_tiles, 0))
-  # Partial sums (over grouping blocks or the query heads of a kv head) stay in float32.
-  partial_dtype = value.dtype if num_blocks == 1 and heads_per_kv == 1 else jnp.float32
-  grad_spec = lambda w: pl.BlockSpec(  # noqa: E731
-      (None, None, None, block_k_dkv, w),
-      lambda p, b, h: (b, h, p // num_k_tiles, p % num_k_tiles, 0))
+    k_tiles = k_like  # [B, H, nb, Tk, w]
+    k_tile_spec = pl.BlockSpec((None, None, num_blocks, block_k_dkv, width),
+                               lambda j, b, h: (b, h, 0, j, 0))
+  # dV of a query head; summed over the query heads of a kv head (GQA) in float32.
+  dv_dtype = value.dtype if heads_per_kv == 1 else jnp.float32
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, scale=scale, causal=causal, kv_len=kv_len,
                         kv_len_padded=kv_len_padded, block_q=dkv_block_q,
-                        block_m=block_m_dkv, block_k=block_k_dkv, num_k_tiles=num_k_tiles),
-      grid=(num_k_tiles * num_blocks, batch, heads),
+                        block_m=block_m_dkv, block_k=block_k_dkv, num_blocks=num_blocks),
+      grid=(num_k_tiles, batch, heads),
       in_specs=[
-          pl.BlockSpec((None, q_len, None, width), lambda p, b, h: (b, 0, h, 0)),
+          pl.BlockSpec((None, q_len, None, width), lambda j, b, h: (b, 0, h, 0)),
           k_tile_spec,
           pl.BlockSpec((None, block_k_dkv, None, dv_width),
-                       lambda p, b, h: (b, p % num_k_tiles, h // heads_per_kv, 0)),
-          pl.BlockSpec((None, q_len, None, dv_width), lambda p, b, h: (b, 0, h, 0)),
-          pl.BlockSpec((None, None, q_len), lambda p, b, h: (b, h, 0)),
-          pl.BlockSpec((None, None, q_len), lambda p, b, h: (b, h, 0)),
-          None if q_seg is None else pl.BlockSpec((None, q_len), lambda p, b, h: (b, 0)),
+                       lambda j, b, h: (b, j, h // heads_per_kv, 0)),
+          pl.BlockSpec((None, q_len, None, dv_width), lambda j, b, h: (b, 0, h, 0)),
+          pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0)),
+          pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0)),
+          None if q_seg is None else pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
           None if kv_seg is None else pl.BlockSpec((None, kv_len_padded),
-                                                   lambda p, b, h: (b, 0)),
+                                                   lambda j, b, h: (b, 0)),
       ],
-      out_specs=[grad_spec(width), grad_spec(dv_width)],
+      out_specs=[
+          pl.BlockSpec((None, None, num_blocks, block_k_dkv, width),
+                       lambda j, b, h: (b, h, 0, j, 0)),
+          pl.BlockSpec((None, None, block_k_dkv, dv_width), lambda j, b, h: (b, h, j, 0)),
+      ],
       out_shape=[
           jax.ShapeDtypeStruct((batch, heads, num_blocks, kv_len_padded, width),
-                               k_like.dtype if layout == "blocks" else partial_dtype),
-          jax.ShapeDtypeStruct((batch, heads, num_blocks, kv_len_padded, dv_width),
-                               partial_dtype),
+                               k_like.dtype if layout == "blocks" or heads_per_kv == 1
+                               else jnp.float32),
+          jax.ShapeDtypeStruct((batch, heads, kv_len_padded, dv_width), dv_dtype),
       ],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps_dkv,
                                            num_stages=num_stages_dkv),
       interpret=interpret,
       name=f"distr_attention_dkdv_{layout}",
-  )(q_like, k_like, value, d_out, lse, delta, q_seg, kv_seg)
+  )(q_like, k_tiles, value, d_out, lse, delta, q_seg, kv_seg)
   return dq, dk, dv

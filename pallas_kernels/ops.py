@@ -114,9 +114,9 @@ class _Launch:
 
 
 def _reduce_kv_grad(grad, kv_heads):
-  """`[B, H, nb, Tk, w]` per query head and block -> `[B, Tk, Hkv, w]`."""
-  batch, heads, _, kv_len, width = grad.shape
-  grad = grad.sum(axis=2).reshape(batch, kv_heads, heads // kv_heads, kv_len, width)
+  """`[B, H, Tk, w]` per query head -> `[B, Tk, Hkv, w]` (GQA: sum a kv head's heads)."""
+  batch, heads, kv_len, width = grad.shape
+  grad = grad.reshape(batch, kv_heads, heads // kv_heads, kv_len, width)
   return jnp.transpose(grad.sum(axis=2), (0, 2, 1, 3))
 
 
@@ -137,7 +137,7 @@ def _flash_bwd(launch, residuals, d_out):
   dq, dk, dv = launch.backward(launch.layout, q_like, k_like, value, out, lse, d_out,
                                q_seg, kv_seg)
   if launch.layout == "btnh":
-    dk = _reduce_kv_grad(dk, k_like.shape[2])
+    dk = _reduce_kv_grad(dk[:, :, 0], k_like.shape[2])
   dv = _reduce_kv_grad(dv, value.shape[2])
   return dq, dk.astype(k_like.dtype), dv.astype(value.dtype), None, None
 
@@ -184,7 +184,7 @@ def _flash_gather_bwd(launch, residuals, d_out):
       "btnh", _pad_axis(q_exp, 3, width), _pad_axis(key, 3, width), value, out, lse,
       d_out, q_seg, kv_seg)
   dq_rep = _per_block(dq_exp[..., :head_dim], launch.block_q, m, "bhnrd,bhndg->bhnrg")
-  dk = _reduce_kv_grad(dk, key.shape[2])[..., :head_dim]
+  dk = _reduce_kv_grad(dk[:, :, 0], key.shape[2])[..., :head_dim]
   dv = _reduce_kv_grad(dv, value.shape[2])
   return dq_rep, dk.astype(key.dtype), dv.astype(value.dtype), None, None, None
 
