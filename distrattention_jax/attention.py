@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 
 from distrattention_jax import config as config_lib
 from distrattention_jax import grouping as grouping_lib
+from distrattention_jax import sharding as sharding_lib
 from distrattention_jax import xla as xla_lib
 
 
@@ -54,6 +56,7 @@ def distr_attention(
     query_seq_lengths: jax.Array | None = None,
     key_value_seq_lengths: jax.Array | None = None,
     implementation: str | None = None,
+    sharding: jax.sharding.NamedSharding | None = None,
 ) -> jax.Array:
   """DistrAttention: softmax attention with `Q K^T` contracted over `d / group_size`.
 
@@ -85,6 +88,11 @@ def distr_attention(
     implementation: None (best available: "pallas" on a GPU when it supports the
       options, else "xla"), "xla", "pallas" (Triton kernels, GPU) or "pallas_interpret"
       (the same kernels in the Pallas interpreter, any backend).
+    sharding: how `query` is sharded, a `NamedSharding` over its BTNH axes. Batch and
+      head axes may be sharded (key/value alike, over their kv heads): the computation
+      then runs per shard under `jax.shard_map`, with no all-gather of q/k/v. Sharding
+      the sequence or head_dim axis raises NotImplementedError. Without it, sharded
+      inputs to a Pallas kernel would be gathered onto every device by XLA.
 
   Returns:
     `[batch, q_len, heads, dv]` in the input dtype. Rows with no key to attend are 0.
@@ -96,9 +104,23 @@ def distr_attention(
   cfg = config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
                                seed).validate(query.shape[-1])
   implementation = _resolve_implementation(implementation, masks, query.dtype)
-  q_len, kv_len = query.shape[1], key.shape[1]
   scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+  run = functools.partial(_distr_attention, cfg=cfg, implementation=implementation,
+                          scale=scale, is_causal=masks.is_causal)
+  arrays = (query, key, value, masks.mask, masks.q_segment_ids, masks.kv_segment_ids,
+            masks.q_lengths, masks.kv_lengths)
+  if sharding is None:
+    return run(*arrays)
+  return sharding_lib.shard_over_batch_and_heads(run, sharding, arrays)
 
+
+def _distr_attention(query, key, value, mask, q_segment_ids, kv_segment_ids, q_lengths,
+                     kv_lengths, *, cfg, implementation, scale, is_causal):
+  """Everything after validation, on whole arrays or on one shard of them."""
+  masks = config_lib.Masks(is_causal=is_causal, mask=mask, q_segment_ids=q_segment_ids,
+                           kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                           kv_lengths=kv_lengths)
+  q_len, kv_len = query.shape[1], key.shape[1]
   perm = None
   if cfg.group_size > 1:
     perm = grouping_lib.block_permutations(

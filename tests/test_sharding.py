@@ -1,0 +1,14 @@
+"""Sharded DistrAttention on 4 fake CPU devices (a separate process: XLA_FLAGS must be
+set before JAX starts)."""
+
+import os
+import subprocess
+import sys
+
+
+def test_sharded_equals_unsharded_without_collectives():
+  script = os.path.join(os.path.dirname(__file__), "sharding_check.py")
+  result = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "SHARDING OK" in result.stdout
