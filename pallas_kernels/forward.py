@@ -74,7 +74,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
     members = [idx_ref[j, :] for j in range(group_size)]     # G x [w] column indices
   qk_scale = scale * LOG2E                                    # exp2 instead of exp
 
-  def body(j, carry):
+  def body(j, carry, needs_mask=True):
     acc, m_prev, l_prev = carry
     start = j * block_k
     keys = pl.ds(start, block_k)
@@ -87,9 +87,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
     else:
       s = jnp.dot(q, k_ref[keys, :].T, preferred_element_type=jnp.float32)
     s = s * qk_scale                                          # [bm, bk]
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-    mask = build_mask(q_pos, start + jnp.arange(block_k), causal=causal, kv_len=kv_len,
-                      kv_len_padded=kv_len_padded, q_seg=q_seg, kv_seg=kv_seg)
+    mask = None
+    if needs_mask:
+      kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+      mask = build_mask(q_pos, start + jnp.arange(block_k), causal=causal, kv_len=kv_len,
+                        kv_len_padded=kv_len_padded, q_seg=q_seg, kv_seg=kv_seg)
     if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
     # Step 5: online softmax.
@@ -111,7 +113,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
   acc = jnp.zeros((block_m, v_ref.shape[-1]), jnp.float32)
   m = jnp.full((block_m,), MASK_VALUE, jnp.float32)
   l = jnp.zeros((block_m,), jnp.float32)
-  acc, m, l = jax.lax.fori_loop(0, num_k_tiles, body, (acc, m, l))
+  carry = (acc, m, l)
+  if causal and q_seg is None:
+    # Key tiles left of the diagonal (and before any padded key) are fully allowed:
+    # run them without building a mask, then the diagonal tiles with it.
+    num_open = jnp.minimum(jax.lax.div(i * block_m, block_k), kv_len // block_k)
+    carry = jax.lax.fori_loop(0, num_open, functools.partial(body, needs_mask=False), carry)
+    acc, m, l = jax.lax.fori_loop(num_open, num_k_tiles, body, carry)
+  else:
+    acc, m, l = jax.lax.fori_loop(0, num_k_tiles, body, carry)
   has_keys = l > 0
   o_ref[...] = (acc / jnp.where(has_keys, l, 1.0)[:, None]).astype(o_ref.dtype)
   # Base-2 log-sum-exp; +inf for rows with no key so the backward's probabilities are 0.
