@@ -81,38 +81,32 @@ def member_indices(perm: jax.Array, group_size: int) -> jax.Array:
   return jnp.swapaxes(perm.reshape(perm.shape[:-1] + (d // group_size, group_size)), -1, -2)
 
 
-def _to_blocks(x: jax.Array, block_q: int) -> jax.Array:
-  """`[B, T, H, c]` -> `[B, H, nb, rows, c]`, rows = min(block_q, T), zero-padded."""
-  batch, length, heads, c = x.shape
-  rows = min(block_q, length)
-  num_blocks = -(-length // block_q)
-  x = jnp.pad(x, ((0, 0), (0, num_blocks * rows - length), (0, 0), (0, 0)))
-  return jnp.transpose(x.reshape(batch, num_blocks, rows, heads, c), (0, 3, 1, 2, 4))
-
-
-def _from_blocks(xb: jax.Array, length: int) -> jax.Array:
-  """Inverse of `_to_blocks`: `[B, H, nb, rows, c]` -> `[B, length, H, c]`."""
-  batch, heads, num_blocks, rows, c = xb.shape
-  x = jnp.transpose(xb, (0, 2, 3, 1, 4)).reshape(batch, num_blocks * rows, heads, c)
-  return x[:, :length]
-
-
 def _acc_dtype(dtype):
   """Accumulation dtype: float32, or float64 for float64 inputs (never round them)."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _matmul(x, w):
-  # Exact for one-hot/averaging weights: f32 (f64 for f64) accumulation, no TF32 rounding.
-  return jnp.einsum("bhnrd,bhndg->bhnrg", x, w.astype(x.dtype),
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=_acc_dtype(x.dtype)).astype(x.dtype)
+def _blockwise_matmul(query, w, block_q):
+  """`query [B, T, H, d]` times each row's block matrix `w [B, H, nb, d, c]` -> `[B, T, H, c]`.
+
+  Works on the BTNH layout directly (rows reshaped into blocks, no transposes), with
+  exact accumulation for one-hot/averaging weights: float32 (float64 for float64), no
+  TF32 rounding.
+  """
+  batch, length, heads, d = query.shape
+  rows = min(block_q, length)
+  num_blocks = w.shape[2]
+  x = jnp.pad(query, ((0, 0), (0, num_blocks * rows - length), (0, 0), (0, 0)))
+  x = x.reshape(batch, num_blocks, rows, heads, d)
+  y = jnp.einsum("bnrhd,bhndg->bnrhg", x, w.astype(x.dtype),
+                 precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=_acc_dtype(x.dtype)).astype(x.dtype)
+  return y.reshape(batch, num_blocks * rows, heads, y.shape[-1])[:, :length]
 
 
 def query_representatives(query, perm, group_size, block_q, representative):
   """`Q_rep`: `[B, T, H, d/G]`, each row using its block's grouping."""
-  w = rep_weights(perm, group_size, representative)
-  return _from_blocks(_matmul(_to_blocks(query, block_q), w), query.shape[1])
+  return _blockwise_matmul(query, rep_weights(perm, group_size, representative), block_q)
 
 
 def expand_query(query, perm, group_size, block_q, representative):
@@ -120,7 +114,7 @@ def expand_query(query, perm, group_size, block_q, representative):
   w = rep_weights(perm, group_size, representative)
   m = membership(perm, group_size)
   expand = jnp.einsum("bhndg,bhncg->bhndc", w, m)  # [.., d, d]: Q_exp = Q @ (W M^T)
-  return _from_blocks(_matmul(_to_blocks(query, block_q), expand), query.shape[1])
+  return _blockwise_matmul(query, expand, block_q)
 
 
 def fuse_keys(key, perm, group_size):

@@ -83,10 +83,16 @@ def lsh_permutations(
     `stop_gradient` (the grouping is discrete and carries no gradient).
   """
   query = jax.lax.stop_gradient(query).astype(jnp.float32)
-  blocks = query_blocks(query, block_q, query_valid)  # [B, H, nb, rows, d]
-  rows = blocks.shape[3]
+  batch, q_len, heads, d = query.shape
+  rows = min(block_q, q_len)
+  num_blocks = -(-q_len // block_q)
+  if query_valid is not None:
+    query = jnp.where(query_valid[:, :, None, None], query, 0)
+  # Zero rows pad the last block; blocks stay in the BTNH layout (no transpose).
+  query = jnp.pad(query, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
+  blocks = query.reshape(batch, num_blocks, rows, heads, d)
   directions = projection_matrix(seed, block_q, num_projs)[:rows]  # rows past the end are 0
-  projections = jnp.einsum("bhnrd,rp->bhndp", blocks, directions,
+  projections = jnp.einsum("bnrhd,rp->bhndp", blocks, directions,
                            precision=jax.lax.Precision.HIGHEST)
   ranks = gray_rank(sign_codes(projections), num_projs)  # [B, H, nb, d]
   return jnp.argsort(ranks, axis=-1, stable=True).astype(jnp.int32)
