@@ -75,7 +75,8 @@ def distr_attention(
     num_projs: LSH projections (bits of the hash), 1..30.
     representative: "mean" (mean of the group's Q columns) or "sample" (its first
       column, as in the paper).
-    grouping: "lsh" (the paper's angular LSH) or "random" (a control).
+    grouping: "lsh" (the paper's angular LSH), "greedy" (exact column distances within
+      the block, more accurate) or "random" (a control).
     seed: seed of the LSH projections (or of the random grouping).
     scale: score scale, default `1 / sqrt(d)`.
     is_causal: query i attends keys j <= i (top-left aligned, as jax.nn).

@@ -15,7 +15,7 @@ import numpy as np
 from distrattention_jax import lsh
 
 REPRESENTATIVES = ("mean", "sample")
-GROUPINGS = ("lsh", "random")
+GROUPINGS = ("lsh", "greedy", "random")
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 

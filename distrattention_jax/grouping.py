@@ -34,11 +34,14 @@ def block_permutations(
 
   Consecutive runs of `group_size` entries are the groups. `grouping`:
     "lsh": the paper's angular LSH with Gray-code ordering (`lsh.lsh_permutations`).
+    "greedy": exact column distances within the block (`greedy_permutations`).
     "random": a random permutation per block (a control for accuracy studies).
   The result is a constant for differentiation (`stop_gradient`).
   """
-  del group_size  # every grouping here orders columns; the size only cuts the order
-  if grouping == "lsh":
+  if grouping == "greedy":
+    perm = greedy_permutations(query, block_q=block_q, group_size=group_size,
+                               query_valid=query_valid)
+  elif grouping == "lsh":
     perm = lsh.lsh_permutations(query, block_q=block_q, num_projs=num_projs, seed=seed,
                                 query_valid=query_valid)
   elif grouping == "random":
@@ -48,8 +51,50 @@ def block_permutations(
     perm = jax.vmap(lambda k: jax.random.permutation(k, d))(keys)
     perm = perm.reshape(batch, heads, num_blocks, d).astype(jnp.int32)
   else:
-    raise ValueError(f"grouping must be one of ('lsh', 'random'), got {grouping!r}")
+    raise ValueError(
+        f"grouping must be one of ('lsh', 'greedy', 'random'), got {grouping!r}")
   return jax.lax.stop_gradient(perm)
+
+
+def greedy_permutations(query, *, block_q, group_size, query_valid=None):
+  """Groups each block's columns by exact Euclidean distance, greedily.
+
+  Per block: take the remaining column of largest norm, add its `group_size - 1` nearest
+  remaining columns (distances over the block's rows, from the `d x d` Gram matrix),
+  repeat. `O(block_q d^2)` per block for the Gram matrix plus `d/G` cheap steps: small
+  next to attention's `O(N d)` per row. Returns int32 `[batch, heads, nb, d]`.
+  """
+  query = jax.lax.stop_gradient(query).astype(jnp.float32)
+  batch, q_len, heads, d = query.shape
+  rows = min(block_q, q_len)
+  num_blocks = -(-q_len // block_q)
+  if query_valid is not None:
+    query = jnp.where(query_valid[:, :, None, None], query, 0)
+  query = jnp.pad(query, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
+  blocks = query.reshape(batch, num_blocks, rows, heads, d)
+  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
+                    precision=jax.lax.Precision.HIGHEST)       # [B, H, nb, d, d]
+  if group_size == 1:
+    return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), gram.shape[:-1])
+  norms = jnp.diagonal(gram, axis1=-2, axis2=-1)              # squared column norms
+  dist = norms[..., :, None] + norms[..., None, :] - 2 * gram  # squared distances
+
+  def one_block(norms, dist):
+    def step(g, carry):
+      remaining, perm = carry
+      seed = jnp.argmax(jnp.where(remaining, norms, -jnp.inf))
+      remaining = remaining.at[seed].set(False)
+      _, nearest = jax.lax.top_k(-jnp.where(remaining, dist[seed], jnp.inf), group_size - 1)
+      remaining = remaining.at[nearest].set(False)
+      members = jnp.concatenate([seed[None], nearest]).astype(jnp.int32)
+      perm = jax.lax.dynamic_update_slice(perm, members, (g * group_size,))
+      return remaining, perm
+
+    init = (jnp.ones((d,), bool), jnp.zeros((d,), jnp.int32))
+    return jax.lax.fori_loop(0, d // group_size, step, init)[1]
+
+  flat = jax.vmap(one_block)(norms.reshape(-1, d), dist.reshape(-1, d, d))
+  return flat.reshape(batch, heads, num_blocks, d)
 
 
 def group_of_column(perm: jax.Array, group_size: int) -> jax.Array:

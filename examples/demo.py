@@ -52,7 +52,7 @@ def main():
   print(f"{'setting':34s} {'rel. L2 error':>14s} {'ms/call':>9s}")
   print(f"{'exact (G=1)':34s} {0.0:14.4f} {timed(exact, q, k, v):9.2f}")
   for g in (2, 4):
-    for grouping in ("lsh", "random"):
+    for grouping in ("lsh", "greedy", "random"):
       for block_q in (16, 128, args.n):
         fn = jax.jit(functools.partial(dj.distr_attention, group_size=g, block_q=block_q,
                                        grouping=grouping,

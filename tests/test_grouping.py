@@ -1,0 +1,95 @@
+"""Groupings by exact column similarity ("greedy") against LSH and random grouping."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distrattention_jax as dj
+from distrattention_jax import grouping
+
+
+def _normal(rng, shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def _copies(rng, batch, length, heads, d, group_size):
+  """Q whose columns are d/G distinct columns, each copied G times (shuffled)."""
+  owner = rng.permutation(np.repeat(np.arange(d // group_size), group_size))
+  base = rng.standard_normal((batch, length, heads, d // group_size))
+  return jnp.asarray(base[..., owner], jnp.float32), owner
+
+
+def _prototypes(rng, batch, length, heads, d, prototypes=6, noise=0.15):
+  """Columns are noisy copies of a few prototype columns (structure like real Q)."""
+  protos = rng.standard_normal((batch, length, heads, prototypes))
+  owner = rng.integers(0, prototypes, size=d)
+  q = protos[..., owner] + noise * rng.standard_normal((batch, length, heads, d))
+  return jnp.asarray(q, jnp.float32)
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_greedy_is_exact_on_copied_columns(group_size):
+  rng = np.random.default_rng(group_size)
+  q, owner = _copies(rng, 2, 40, 2, 32, group_size)
+  k, v = _normal(rng, (2, 30, 2, 32)), _normal(rng, (2, 30, 2, 32))
+  perm = grouping.block_permutations(q, block_q=16, group_size=group_size, grouping="greedy")
+  groups = owner[np.asarray(perm)].reshape(-1, 32 // group_size, group_size)
+  assert np.all(groups == groups[..., :1])
+  for rep in ("mean", "sample"):
+    out = dj.distr_attention(q, k, v, group_size=group_size, block_q=16, grouping="greedy",
+                             representative=rep, implementation="xla")
+    np.testing.assert_allclose(out, dj.exact_attention(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+def test_error_greedy_below_lsh_below_random_on_structured_q():
+  errors = {"greedy": [], "lsh": [], "random": []}
+  for trial in range(3):
+    rng = np.random.default_rng(10 + trial)
+    q = _prototypes(rng, 2, 128, 2, 64)
+    k, v = _normal(rng, (2, 128, 2, 64)), _normal(rng, (2, 128, 2, 64))
+    exact = dj.exact_attention(q, k, v)
+    for name in errors:
+      out = dj.distr_attention(q, k, v, group_size=2, block_q=32, grouping=name,
+                               seed=trial, implementation="xla")
+      errors[name].append(float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)))
+  mean = {name: np.mean(e) for name, e in errors.items()}
+  assert mean["greedy"] < 0.85 * mean["lsh"], mean
+  assert mean["lsh"] < 0.75 * mean["random"], mean
+
+
+def test_greedy_permutations_valid_deterministic_and_padding_free():
+  rng = np.random.default_rng(3)
+  q = _normal(rng, (2, 50, 3, 32))
+  perm = grouping.block_permutations(q, block_q=16, group_size=4, grouping="greedy")
+  assert perm.shape == (2, 3, 4, 32) and perm.dtype == jnp.int32
+  assert np.all(np.sort(np.asarray(perm), -1) == np.arange(32))
+  again = jax.jit(functools.partial(grouping.block_permutations, block_q=16, group_size=4,
+                                    grouping="greedy"))(q)
+  np.testing.assert_array_equal(perm, again)
+  # Padding rows (past query_seq_lengths) do not change the grouping of the real rows.
+  valid = jnp.arange(50)[None] < jnp.array([[50], [20]])
+  padded = q.at[1, 20:].set(100.0)
+  p1 = grouping.block_permutations(padded, block_q=16, group_size=4, grouping="greedy",
+                                   query_valid=valid)
+  p2 = grouping.block_permutations(q, block_q=16, group_size=4, grouping="greedy",
+                                   query_valid=valid)
+  np.testing.assert_array_equal(p1, p2)
+
+
+def test_greedy_under_vmap_and_grad():
+  rng = np.random.default_rng(4)
+  q, k, v = (_normal(rng, (2, 24, 2, 16)) for _ in range(3))
+  fn = functools.partial(dj.distr_attention, group_size=2, block_q=16, grouping="greedy",
+                         implementation="xla")
+  stacked = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
+  out = jax.vmap(fn)(*stacked)
+  np.testing.assert_allclose(out[0], fn(q, k, v), atol=1e-6)
+  perm = grouping.block_permutations(q, block_q=16, group_size=2, grouping="greedy")
+  ours = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(dj.distr_attention_reference(
+      q, k, v, group_size=2, block_q=16, perm=perm))), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, atol=2e-5)
