@@ -96,6 +96,9 @@ def parse_args(argv=None):
   p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke tests)")
   p.add_argument("--out-dir", default="examples/out")
   p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+  p.add_argument("--init-from", default=None,
+                 help="start from the parameters of a checkpoint (e.g. fine-tune an exact "
+                      "model with DistrAttention): path of a state.msgpack")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -129,6 +132,10 @@ def train_one(args, attention_kind, data, mesh):
                                                 max(2, total_steps))
   tx = optax.adamw(schedule, weight_decay=1e-4)
   params = model.init(jax.random.key(args.seed), jnp.asarray(x_train[:2]))
+  if args.init_from:  # both attentions share one parameter tree
+    with open(args.init_from, "rb") as f:
+      params = serialization.from_state_dict(
+          params, serialization.msgpack_restore(f.read())["params"])
   opt_state = tx.init(params)
   state = {"params": params, "opt_state": opt_state, "epoch": 0, "step": 0,
            "history": json.dumps({"train_loss": [], "test_accuracy": [], "epoch_time_s": []})}

@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end in their --quick CPU modes."""
+
+import json
+import os
+
+from benchmarks import accuracy, memory, speed
+
+
+def test_speed_quick(tmp_path):
+  speed.main(["--quick", "--modes", "fwd", "fwdbwd", "--out-dir", str(tmp_path)])
+  (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+  rows = json.load(open(tmp_path / path))["rows"]
+  assert {r["impl"] for r in rows} >= {"ours G=1", "distr G=2 bq=16", "xla"}
+  assert all(r["ms"] and r["ms"] > 0 for r in rows)
+  assert any(p.endswith(".png") for p in os.listdir(tmp_path))
+
+
+def test_memory_quick(tmp_path):
+  memory.main(["--quick", "--out-dir", str(tmp_path)])
+  (path,) = os.listdir(tmp_path)
+  assert all(r["bytes"] for r in json.load(open(tmp_path / path))["rows"])
+
+
+def test_accuracy_quick(tmp_path):
+  accuracy.main(["--quick", "--out-dir", str(tmp_path)])
+  (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+  result = json.load(open(tmp_path / path))
+  by = {(r["data"], r["grouping"], r["G"], r["block_q"]): r["rel_l2"] for r in result["rows"]}
+  # Exact-distance grouping beats random grouping on structured data and real activations.
+  assert by[("structured", "greedy", 2, 16)] < by[("structured", "random", 2, 16)]
+  assert by[("vit", "greedy", 2, 16)] < by[("vit", "random", 2, 16)]
+  assert result["vit"]["swaps"] and 0 <= result["vit"]["exact_accuracy"] <= 1
