@@ -30,3 +30,12 @@ def test_accuracy_quick(tmp_path):
   assert by[("structured", "greedy", 2, 16)] < by[("structured", "random", 2, 16)]
   assert by[("vit", "greedy", 2, 16)] < by[("vit", "random", 2, 16)]
   assert result["vit"]["swaps"] and 0 <= result["vit"]["exact_accuracy"] <= 1
+
+
+def test_grouping_cost_quick(tmp_path):
+  from benchmarks import grouping_cost
+  grouping_cost.main(["--quick", "--out-dir", str(tmp_path)])
+  (path,) = os.listdir(tmp_path)
+  rows = json.load(open(tmp_path / path))["rows"]
+  assert {r["grouping"] for r in rows} == {"lsh", "greedy"}
+  assert all(0 < r["fraction"] for r in rows)
