@@ -65,13 +65,9 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None):
   next to attention's `O(N d)` per row. Returns int32 `[batch, heads, nb, d]`.
   """
   query = jax.lax.stop_gradient(query).astype(jnp.float32)
-  batch, q_len, heads, d = query.shape
-  rows = min(block_q, q_len)
-  num_blocks = -(-q_len // block_q)
-  if query_valid is not None:
-    query = jnp.where(query_valid[:, :, None, None], query, 0)
-  query = jnp.pad(query, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
-  blocks = query.reshape(batch, num_blocks, rows, heads, d)
+  batch, _, heads, d = query.shape
+  blocks = lsh.query_blocks(query, block_q, query_valid)   # [B, nb, rows, H, d]
+  num_blocks = blocks.shape[1]
   gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
                     precision=jax.lax.Precision.HIGHEST)       # [B, H, nb, d, d]
   if group_size == 1:
@@ -138,11 +134,9 @@ def _blockwise_matmul(query, w, block_q):
   exact accumulation for one-hot/averaging weights: float32 (float64 for float64), no
   TF32 rounding.
   """
-  batch, length, heads, d = query.shape
-  rows = min(block_q, length)
-  num_blocks = w.shape[2]
-  x = jnp.pad(query, ((0, 0), (0, num_blocks * rows - length), (0, 0), (0, 0)))
-  x = x.reshape(batch, num_blocks, rows, heads, d)
+  batch, length, heads, _ = query.shape
+  x = lsh.query_blocks(query, block_q)                     # [B, nb, rows, H, d]
+  num_blocks, rows = x.shape[1], x.shape[2]
   y = jnp.einsum("bnrhd,bhndg->bnrhg", x, w.astype(x.dtype),
                  precision=jax.lax.Precision.HIGHEST,
                  preferred_element_type=_acc_dtype(x.dtype)).astype(x.dtype)

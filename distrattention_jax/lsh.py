@@ -43,21 +43,19 @@ def gray_rank(codes: jax.Array, num_bits: int) -> jax.Array:
 
 
 def query_blocks(query: jax.Array, block_q: int, query_valid: jax.Array | None = None):
-  """Splits `query [B, T, H, d]` into zero-padded row blocks `[B, H, nb, block_q', d]`.
+  """Splits `query [B, T, H, d]` into zero-padded row blocks `[B, nb, rows, H, d]`.
 
-  `block_q' = min(block_q, T)` when a single block covers the sequence (rows past the end
-  of a block count as zero, so nothing is lost by not materialising them). Rows where
-  `query_valid [B, T]` is False (padding) are zeroed too.
+  `rows = min(block_q, T)`: when one block covers the sequence, the rows past its end
+  count as zero and need not exist. Rows where `query_valid [B, T]` is False (padding)
+  are zeroed too. The BTNH layout is kept (a reshape, no transpose).
   """
   batch, q_len, heads, d = query.shape
   rows = min(block_q, q_len)
   num_blocks = -(-q_len // block_q)
   if query_valid is not None:
     query = jnp.where(query_valid[:, :, None, None], query, 0)
-  pad = num_blocks * rows - q_len
-  query = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  blocks = query.reshape(batch, num_blocks, rows, heads, d)
-  return jnp.transpose(blocks, (0, 3, 1, 2, 4))
+  query = jnp.pad(query, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
+  return query.reshape(batch, num_blocks, rows, heads, d)
 
 
 def lsh_permutations(
@@ -83,14 +81,8 @@ def lsh_permutations(
     `stop_gradient` (the grouping is discrete and carries no gradient).
   """
   query = jax.lax.stop_gradient(query).astype(jnp.float32)
-  batch, q_len, heads, d = query.shape
-  rows = min(block_q, q_len)
-  num_blocks = -(-q_len // block_q)
-  if query_valid is not None:
-    query = jnp.where(query_valid[:, :, None, None], query, 0)
-  # Zero rows pad the last block; blocks stay in the BTNH layout (no transpose).
-  query = jnp.pad(query, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
-  blocks = query.reshape(batch, num_blocks, rows, heads, d)
+  blocks = query_blocks(query, block_q, query_valid)  # [B, nb, rows, H, d]
+  rows = blocks.shape[2]
   directions = projection_matrix(seed, block_q, num_projs)[:rows]  # rows past the end are 0
   projections = jnp.einsum("bnrhd,rp->bhndp", blocks, directions,
                            precision=jax.lax.Precision.HIGHEST)
