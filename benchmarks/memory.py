@@ -45,9 +45,14 @@ def main(argv=None):
   }
   if gpu:
     fns["cudnn"] = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    fns["cudnn-distr G=4 bq=64"] = functools.partial(
+        dj.distr_attention, group_size=4, block_q=64, implementation="cudnn")
   rows = []
   for n in args.n:
     spec = jax.ShapeDtypeStruct((1, n, args.heads, args.d), jnp.bfloat16)
+    if gpu:  # one grouping per sequence: the d/G-wide cuDNN call
+      fns["cudnn-distr G=4 bq=N"] = functools.partial(
+          dj.distr_attention, group_size=4, block_q=n, implementation="cudnn")
     for name, fn in fns.items():
       for mode in ("fwd", "fwdbwd"):
         f = jax.jit(fn) if mode == "fwd" else timing.loss_grad(fn)

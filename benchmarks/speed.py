@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
 warnings.filterwarnings("ignore", message=".*pallas.ops.gpu.attention is deprecated")
 
 
-def implementations(args, d, causal, gpu):
+def implementations(args, n, d, causal, gpu):
   """name -> fn(q, k, v) for everything timed at this shape."""
   impl = "pallas" if gpu else "pallas_interpret"
   fns = {}
@@ -44,6 +44,14 @@ def implementations(args, d, causal, gpu):
   fns["xla"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                  implementation="xla")
   if gpu:
+    cudnn = functools.partial(dj.distr_attention, is_causal=causal, implementation="cudnn")
+    for g in args.groups:
+      if d % g == 0:
+        # One grouping per sequence: the d/G-wide cuDNN call ("narrow").
+        fns[f"cudnn-distr G={g} bq=N"] = functools.partial(cudnn, group_size=g, block_q=n)
+        # Small grouping blocks: exact cuDNN on Q_exp ("expand").
+        fns[f"cudnn-distr G={g} bq={args.block_q_small}"] = functools.partial(
+            cudnn, group_size=g, block_q=args.block_q_small)
     fns["cudnn"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                      implementation="cudnn")
     try:
@@ -91,7 +99,7 @@ def main(argv=None):
     for n in args.n:
       sets = timing.make_inputs(args.batch, n, n, args.heads, d, jnp.bfloat16, 1 if args.quick else 3)
       for causal in map(bool, args.causal):
-        fns = implementations(args, d, causal, gpu and not args.quick)
+        fns = implementations(args, n, d, causal, gpu and not args.quick)
         for name, fn in fns.items():
           if args.only and not any(s in name for s in args.only.split(",")):
             continue

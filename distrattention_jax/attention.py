@@ -8,21 +8,41 @@ import math
 import jax
 
 from distrattention_jax import config as config_lib
+from distrattention_jax import cudnn as cudnn_lib
 from distrattention_jax import grouping as grouping_lib
 from distrattention_jax import sharding as sharding_lib
 from distrattention_jax import xla as xla_lib
 
 
-def _resolve_implementation(implementation, masks: config_lib.Masks, dtype) -> str:
+def _resolve_implementation(implementation, masks: config_lib.Masks, query, value) -> str:
+  """The backend to run: the user's choice checked, or the fastest that fits (None).
+
+  None on a GPU picks cuDNN when it takes the options (measured fastest on an H100,
+  README "Results"), else our Pallas kernels, else XLA; off a GPU, XLA.
+  """
   if implementation is not None and implementation not in config_lib.IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be None or one of {config_lib.IMPLEMENTATIONS}, got "
         f"{implementation!r}")
+  dtype, head_dim, value_dim = query.dtype, query.shape[-1], value.shape[-1]
+  gpu = jax.default_backend() == "gpu"
   if implementation is None:
+    if gpu and cudnn_lib.supports(masks, dtype, head_dim, value_dim) is None:
+      return "cudnn"
     from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
-    if jax.default_backend() == "gpu" and pallas_ops.supports(masks, dtype) is None:
+    if gpu and pallas_ops.supports(masks, dtype) is None:
       return "pallas"
     return "xla"
+  if implementation == "cudnn":
+    reason = cudnn_lib.supports(masks, dtype, head_dim, value_dim)
+    if reason is not None:
+      raise NotImplementedError(
+          f"implementation='cudnn' does not support {reason}; use implementation="
+          "'pallas' or 'xla' (or None to choose automatically)")
+    if not gpu:
+      raise ValueError(
+          "implementation='cudnn' needs a GPU backend (jax.default_backend() is "
+          f"{jax.default_backend()!r}); use 'xla' or 'pallas_interpret' on a CPU")
   if implementation in ("pallas", "pallas_interpret"):
     from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
     reason = pallas_ops.supports(masks, dtype)
@@ -30,7 +50,7 @@ def _resolve_implementation(implementation, masks: config_lib.Masks, dtype) -> s
       raise NotImplementedError(
           f"implementation={implementation!r} does not support {reason}; use "
           "implementation='xla' (or None to choose automatically)")
-    if implementation == "pallas" and jax.default_backend() != "gpu":
+    if implementation == "pallas" and not gpu:
       raise ValueError(
           "implementation='pallas' needs a GPU backend (jax.default_backend() is "
           f"{jax.default_backend()!r}); use 'pallas_interpret' to run the kernels on a "
@@ -86,8 +106,10 @@ def distr_attention(
       keys of their own segment only.
     query_seq_lengths, key_value_seq_lengths: int `[batch]`; positions at or past the
       length are padding (padding query rows return 0 and do not affect the grouping).
-    implementation: None (best available: "pallas" on a GPU when it supports the
-      options, else "xla"), "xla", "pallas" (Triton kernels, GPU) or "pallas_interpret"
+    implementation: None (fastest available: on a GPU "cudnn" when it supports the
+      options, else "pallas"; "xla" elsewhere), "xla", "cudnn" (the grouping in XLA,
+      attention in cuDNN's fused kernels; with one grouping per sequence the score
+      product is d/G wide), "pallas" (our Triton kernels, GPU) or "pallas_interpret"
       (the same kernels in the Pallas interpreter, any backend).
     sharding: how `query` is sharded, a `NamedSharding` over its BTNH axes. Batch and
       head axes may be sharded (key/value alike, over their kv heads): the computation
@@ -104,7 +126,7 @@ def distr_attention(
       key_value_seq_lengths=key_value_seq_lengths)
   cfg = config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
                                seed).validate(query.shape[-1])
-  implementation = _resolve_implementation(implementation, masks, query.dtype)
+  implementation = _resolve_implementation(implementation, masks, query, value)
   scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
   run = functools.partial(_distr_attention, cfg=cfg, implementation=implementation,
                           scale=scale, is_causal=masks.is_causal)
@@ -133,6 +155,10 @@ def _distr_attention(query, key, value, mask, q_segment_ids, kv_segment_ids, q_l
         query, key, value, perm, group_size=cfg.group_size, block_q=cfg.block_q,
         representative=cfg.representative, scale=scale,
         allowed=masks.dense(q_len, kv_len))
+  if implementation == "cudnn":
+    return cudnn_lib.distr_attention_cudnn(
+        query, key, value, perm, masks, group_size=cfg.group_size, block_q=cfg.block_q,
+        representative=cfg.representative, scale=scale)
   from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
   return pallas_ops.distr_attention_pallas(
       query, key, value, perm, masks, group_size=cfg.group_size, block_q=cfg.block_q,

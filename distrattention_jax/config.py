@@ -16,7 +16,7 @@ from distrattention_jax import lsh
 
 REPRESENTATIVES = ("mean", "sample")
 GROUPINGS = ("lsh", "greedy", "random")
-IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 

@@ -56,13 +56,16 @@ def block_permutations(
   return jax.lax.stop_gradient(perm)
 
 
-def greedy_permutations(query, *, block_q, group_size, query_valid=None):
+def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_kernel=None):
   """Groups each block's columns by exact Euclidean distance, greedily.
 
   Per block: take the remaining column of largest norm, add its `group_size - 1` nearest
   remaining columns (distances over the block's rows, from the `d x d` Gram matrix),
   repeat. `O(block_q d^2)` per block for the Gram matrix plus `d/G` cheap steps: small
-  next to attention's `O(N d)` per row. Returns int32 `[batch, heads, nb, d]`.
+  next to attention's `O(N d)` per row. `use_kernel` runs the steps in one Pallas
+  program per block (`pallas_kernels.greedy`; None: on a GPU), where XLA would launch
+  every step separately. Both give the same permutation. Returns int32
+  `[batch, heads, nb, d]`.
   """
   query = jax.lax.stop_gradient(query).astype(jnp.float32)
   batch, _, heads, d = query.shape
@@ -72,6 +75,13 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None):
                     precision=jax.lax.Precision.HIGHEST)       # [B, H, nb, d, d]
   if group_size == 1:
     return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), gram.shape[:-1])
+  if use_kernel is None:
+    use_kernel = jax.default_backend() == "gpu"
+  if use_kernel:
+    from pallas_kernels import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
+    flat = greedy_kernel.greedy_groups(gram.reshape(-1, d, d), group_size,
+                                       interpret=jax.default_backend() != "gpu")
+    return flat.reshape(batch, heads, num_blocks, d)
   norms = jnp.diagonal(gram, axis1=-2, axis2=-1)              # squared column norms
   dist = norms[..., :, None] + norms[..., None, :] - 2 * gram  # squared distances
 

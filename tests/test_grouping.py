@@ -93,3 +93,18 @@ def test_greedy_under_vmap_and_grad():
       q, k, v, group_size=2, block_q=16, perm=perm))), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.mark.parametrize("d,group_size,block_q", [(32, 2, 16), (64, 4, 64), (96, 4, 32),
+                                                  (128, 8, 128), (64, 2, 1024)])
+def test_greedy_kernel_equals_xla_loop(d, group_size, block_q):
+  # The Pallas kernel (interpret mode here; tests/test_pallas_gpu.py runs it on a GPU)
+  # must give exactly the XLA loop's permutation, ragged last block and padding included.
+  rng = np.random.default_rng(d + group_size)
+  q = _prototypes(rng, 2, 200, 3, d) if d % 32 == 0 else _normal(rng, (2, 200, 3, d))
+  valid = jnp.arange(200)[None] < jnp.array([[200], [150]])
+  kw = dict(block_q=block_q, group_size=group_size, query_valid=valid)
+  xla = grouping.greedy_permutations(q, use_kernel=False, **kw)
+  kernel = grouping.greedy_permutations(q, use_kernel=True, **kw)
+  np.testing.assert_array_equal(kernel, xla)
+  assert np.all(np.sort(np.asarray(kernel), -1) == np.arange(d))
