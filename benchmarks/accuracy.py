@@ -5,7 +5,7 @@
 
 Output error (relative L2, max abs, mean cosine of output rows) for grouping in
 {lsh (16 and 8 projections), greedy, random}, G in {2, 4, 8}, block_q in
-{16, 32, 64, 128} and both representatives, on three kinds of data:
+{16, 32, 64, 128, n} (n: one grouping per sequence) and both representatives, on three kinds of data:
   gaussian    random normal Q/K/V (no column structure: every grouping is poor here);
   structured  Q columns are noisy copies of a few prototypes (like trained models' Q);
   vit         Q/K/V captured from every layer of the example ViT, trained on digits here.
@@ -97,9 +97,9 @@ def main(argv=None):
   p.add_argument("--speed-json", default=None)
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
-  groups_g, blocks, reps = ([2, 4, 8], [16, 32, 64, 128], ["mean", "sample"])
+  groups_g, blocks, reps = ([2, 4, 8], [16, 32, 64, 128, args.n], ["mean", "sample"])
   if args.quick:
-    groups_g, blocks, reps, args.n = [2, 4], [16, 64], ["mean"], 128
+    groups_g, blocks, reps, args.n = [2, 4], [16, 128], ["mean"], 128
   datasets = {"gaussian": synthetic("gaussian", args.n, 4, 64),
               "structured": synthetic("structured", args.n, 4, 64)}
   vit_dir = tempfile.mkdtemp(prefix="distr-vit-")

@@ -65,8 +65,8 @@ def implementations(args, n, d, causal, gpu):
       for name in ("triton", "mosaic"):
         fns[f"tokamax {name}"] = functools.partial(
             tokamax.dot_product_attention, is_causal=causal, implementation=name)
-    except ImportError:
-      print("tokamax not installed: skipped", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (not installed, or a dependency missing)
+      print(f"tokamax unavailable ({type(e).__name__}: {e}): skipped", file=sys.stderr)
   return fns
 
 

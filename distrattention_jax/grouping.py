@@ -67,21 +67,23 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   every step separately. Both give the same permutation. Returns int32
   `[batch, heads, nb, d]`.
   """
-  query = jax.lax.stop_gradient(query).astype(jnp.float32)
+  query = jax.lax.stop_gradient(query)
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    query = query.astype(jnp.float32)  # half-precision products are exact in float32
   batch, _, heads, d = query.shape
   blocks = lsh.query_blocks(query, block_q, query_valid)   # [B, nb, rows, H, d]
   num_blocks = blocks.shape[1]
-  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
-                    precision=jax.lax.Precision.HIGHEST)       # [B, H, nb, d, d]
   if group_size == 1:
-    return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), gram.shape[:-1])
+    return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (batch, heads, num_blocks, d))
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel:
     from pallas_kernels import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
-    flat = greedy_kernel.greedy_groups(gram.reshape(-1, d, d), group_size,
+    return greedy_kernel.greedy_groups(blocks, group_size,
                                        interpret=jax.default_backend() != "gpu")
-    return flat.reshape(batch, heads, num_blocks, d)
+  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)     # [B, H, nb, d, d]
   norms = jnp.diagonal(gram, axis1=-2, axis2=-1)              # squared column norms
   dist = norms[..., :, None] + norms[..., None, :] - 2 * gram  # squared distances
 

@@ -35,13 +35,12 @@ def _rel(a, b):
 
 CASES = [  # (q_len, kv_len, d, group_size, block_q, causal, heads, kv_heads)
     (1000, 1000, 64, 1, 64, False, 4, 2),
-    (1000, 1000, 64, 2, 1024, True, 4, 2),     # narrow, ragged, GQA
-    (1000, 1000, 128, 4, 1024, False, 4, 4),   # narrow
+    (1000, 1000, 64, 2, 1024, True, 4, 2),     # narrow, GQA
     (1000, 777, 128, 4, 64, True, 4, 2),       # expand, cross lengths
+    (999, 999, 128, 4, 1024, False, 2, 2),     # narrow, odd length
     (4096, 4096, 128, 4, 4096, True, 4, 1),    # narrow, MQA
-    (4096, 4096, 128, 2, 128, False, 4, 2),    # expand
-    (4096, 4096, 64, 4, 8192, False, 4, 4),    # narrow, d/G = 16
-    (16384, 16384, 128, 4, 16384, False, 2, 2),
+    (4096, 4096, 64, 2, 128, False, 2, 2),     # expand
+    (16384, 16384, 128, 8, 16384, False, 2, 2),
 ]
 
 
@@ -61,7 +60,7 @@ def test_forward_and_gradient_parity(q_len, kv_len, d, group_size, block_q, caus
   assert out.shape == ref.shape and out.dtype == q.dtype
   assert _rel(out, ref) < 2e-2
   if q_len > 4096:
-    return  # the float32 XLA gradient materialises [H, N, N] twice: forward only here
+    return  # the float32 XLA gradient materialises [H, N, N] several times: forward only
   w = jax.random.normal(kr, q.shape[:-1] + (v.shape[-1],), jnp.float32)
 
   def loss(impl, q, k, v):
@@ -83,7 +82,7 @@ def test_narrow_route_is_taken():
 
 
 @requires_gpu
-@pytest.mark.parametrize("group_size,block_q", [(1, 64), (4, 64), (4, 1024), (2, 4096)])
+@pytest.mark.parametrize("group_size,block_q", [(4, 64), (2, 4096)])
 def test_padding_fp16_and_empty_rows(group_size, block_q):
   q, k, v, kr = _inputs(11, 3, 900, 700, 4, 2, 64, jnp.float16)
   kw = dict(group_size=group_size, block_q=block_q, is_causal=True,

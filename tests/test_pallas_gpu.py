@@ -102,13 +102,13 @@ def test_masks_ragged_gqa_dtypes(group_size, block_q):
 @pytest.mark.parametrize("d,group_size,block_q", [(64, 4, 64), (128, 4, 16),
                                                   (128, 2, 16384), (96, 8, 128)])
 def test_greedy_kernel_equals_xla_loop(d, group_size, block_q):
+  # Same algorithm and tie-break; the Gram matrices sum rows in different orders, so
+  # only float near-ties may differ: (almost) every block must agree exactly.
   q, _, _, _ = _inputs(d + block_q, 2, 16384 if block_q == 16384 else 3000, 16, 8, 8, d,
                        jnp.bfloat16)
   kw = dict(block_q=block_q, group_size=group_size)
   kernel = grouping.greedy_permutations(q, use_kernel=True, **kw)
   xla = grouping.greedy_permutations(q, use_kernel=False, **kw)
   assert np.all(np.sort(np.asarray(kernel), -1) == np.arange(d))
-  # Same algorithm and tie-break; the Gram matrix is shared, so only float ties could
-  # differ: require (almost) every block to agree exactly.
   same = np.mean(np.all(np.asarray(kernel) == np.asarray(xla), axis=-1))
   assert same > 0.99, same

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in one command (device time is scarce): the GPU tests of the
+# cuDNN path and the greedy-grouping kernel, then the grouping cost. Results under $OUT
+# (or benchmarks/results). Usage on a GPU machine, from the repository root:
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|all]
+set -uo pipefail
+out="${OUT:-benchmarks/results}"
+what="${1:-all}"
+export PYTHONUNBUFFERED=1
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 420 python -m pytest -q -m gpu tests/test_cudnn_gpu.py \
+    "tests/test_pallas_gpu.py::test_greedy_kernel_equals_xla_loop" 2>&1 | tee "$out/gpu-tests.log" | tail -15
+fi
+if [ "$what" = grouping ] || [ "$what" = all ]; then
+  timeout 240 python -m benchmarks.grouping_cost --d 128 64 --block-q 16 64 1024 0 \
+    --out-dir "$out" 2>&1 | grep -v Warn | tail -26
+fi
