@@ -75,15 +75,16 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   num_blocks = blocks.shape[1]
   if group_size == 1:
     return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (batch, heads, num_blocks, d))
+  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)     # [B, H, nb, d, d]
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel:
     from pallas_kernels import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
-    return greedy_kernel.greedy_groups(blocks, group_size,
+    flat = greedy_kernel.greedy_groups(gram.reshape(-1, d, d), group_size,
                                        interpret=jax.default_backend() != "gpu")
-  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)     # [B, H, nb, d, d]
+    return flat.reshape(batch, heads, num_blocks, d)
   norms = jnp.diagonal(gram, axis1=-2, axis2=-1)              # squared column norms
   dist = norms[..., :, None] + norms[..., None, :] - 2 * gram  # squared distances
 

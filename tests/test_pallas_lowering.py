@@ -74,16 +74,14 @@ def test_table_entries_are_powers_of_two():
       assert size >= 16 and size & (size - 1) == 0, (key, t)
 
 
-@pytest.mark.parametrize("d,group_size,rows,dtype", [
-    (64, 4, 16, jnp.bfloat16), (128, 2, 1024, jnp.bfloat16), (128, 4, 64, jnp.float16),
-    (96, 8, 100, jnp.float32), (256, 4, 16384, jnp.bfloat16)])
-def test_greedy_grouping_kernel_lowers_for_cuda(d, group_size, rows, dtype):
+@pytest.mark.parametrize("d,group_size", [(64, 4), (128, 2), (128, 4), (96, 8), (256, 4)])
+def test_greedy_grouping_kernel_lowers_for_cuda(d, group_size):
   from pallas_kernels import greedy
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
     with jax.sharding.use_abstract_mesh(mesh):
-      text = jax.jit(lambda x: greedy.greedy_groups(x, group_size)).trace(
-          jax.ShapeDtypeStruct((1, 3, rows, 4, d), dtype)).lower(
+      text = jax.jit(lambda g: greedy.greedy_groups(g, group_size)).trace(
+          jax.ShapeDtypeStruct((10, d, d), jnp.float32)).lower(
               lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
