@@ -16,8 +16,8 @@ case "${1:-A}" in
     timeout 200 python -m benchmarks.grouping_cost --d 128 64 --block-q 16 64 1024 0 \
       --out-dir "$out" 2>&1 | grep -v Warn | tail -25
     timeout 260 python -m benchmarks.speed --n 16384 --d 64 256 --groups 2 4 8 --causal 0 \
-      --reps 10 --min-time 0.2 --tag "-d64-d256" --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
+      --reps 10 --min-time 0.2 --tag=-d64-d256 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
   B)
     timeout 560 python -m benchmarks.speed --n 4096 16384 --d 128 --groups 2 4 8 \
-      --causal 0 1 --reps 10 --min-time 0.2 --tag "-d128" --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
+      --causal 0 1 --reps 10 --min-time 0.2 --tag=-d128 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
 esac
