@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Speed runs on a GPU machine, split so each fits one 10-minute device command.
 #   PYTHONPATH=. bash scripts/gpu_bench.sh A   # greedy GPU test, grouping cost, d=64/256 speed
+#   PYTHONPATH=. bash scripts/gpu_bench.sh C   # only the d=64/256 speed part of A
 #   PYTHONPATH=. bash scripts/gpu_bench.sh B   # d=128 speed at N=4096/16384, causal off/on
 # tokamax is timed when importable (carry its wheels in .whl/, see the device notes).
 set -uo pipefail
@@ -15,6 +16,8 @@ case "${1:-A}" in
     timeout 100 python -m pytest -q "tests/test_pallas_gpu.py::test_greedy_kernel_equals_xla_loop" 2>&1 | tail -3
     timeout 200 python -m benchmarks.grouping_cost --d 128 64 --block-q 16 64 1024 0 \
       --out-dir "$out" 2>&1 | grep -v Warn | tail -25
+    ;&
+  C)
     timeout 260 python -m benchmarks.speed --n 16384 --d 64 256 --groups 2 4 8 --causal 0 \
       --reps 10 --min-time 0.2 --tag=-d64-d256 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
   B)
