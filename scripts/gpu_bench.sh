@@ -18,7 +18,7 @@ case "${1:-A}" in
       --out-dir "$out" 2>&1 | grep -v Warn | tail -25
     ;&
   C)
-    timeout 260 python -m benchmarks.speed --n 16384 --d 64 256 --groups 2 4 8 --causal 0 \
+    timeout 540 python -m benchmarks.speed --n 16384 --d 64 256 --groups 2 4 8 --causal 0 \
       --reps 10 --min-time 0.2 --tag=-d64-d256 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
   B)
     timeout 560 python -m benchmarks.speed --n 4096 16384 --d 128 --groups 2 4 8 \
