@@ -67,7 +67,7 @@ def distr_attention(
     block_q: int = 64,
     num_projs: int = 16,
     representative: str = "mean",
-    grouping: str = "lsh",
+    grouping: str = "greedy",
     seed: int = 0,
     scale: float | None = None,
     is_causal: bool = False,
@@ -95,8 +95,10 @@ def distr_attention(
     num_projs: LSH projections (bits of the hash), 1..30.
     representative: "mean" (mean of the group's Q columns) or "sample" (its first
       column, as in the paper).
-    grouping: "lsh" (the paper's angular LSH), "greedy" (exact column distances within
-      the block, more accurate) or "random" (a control).
+    grouping: "greedy" (default: exact column distances within the block; 20-45% lower
+      output error than LSH in every setting measured, and on a GPU within 0.02-0.7 ms
+      of LSH's cost, README "Accuracy"), "lsh" (the paper's angular LSH) or "random"
+      (a control).
     seed: seed of the LSH projections (or of the random grouping).
     scale: score scale, default `1 / sqrt(d)`.
     is_causal: query i attends keys j <= i (top-left aligned, as jax.nn).

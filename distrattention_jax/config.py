@@ -28,7 +28,7 @@ class DistrConfig:
   block_q: int = 64
   num_projs: int = 16
   representative: str = "mean"
-  grouping: str = "lsh"
+  grouping: str = "greedy"
   seed: int = 0
 
   def validate(self, head_dim: int | None = None) -> "DistrConfig":

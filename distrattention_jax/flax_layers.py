@@ -25,7 +25,7 @@ _IGNORED_IF_NONE = ("qk_attn_weights_einsum", "attn_weights_value_einsum",
 
 
 def make_attention_fn(*, group_size: int = 2, block_q: int = 64, num_projs: int = 16,
-                      representative: str = "mean", grouping: str = "lsh", seed: int = 0,
+                      representative: str = "mean", grouping: str = "greedy", seed: int = 0,
                       implementation: str | None = None, is_causal: bool = False,
                       sharding: jax.sharding.NamedSharding | None = None):
   """An `attention_fn` for `nn.MultiHeadDotProductAttention` / `nnx.MultiHeadAttention`.
@@ -93,7 +93,7 @@ class DistrMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   block_q: int = 64
   num_projs: int = 16
   representative: str = "mean"
-  grouping: str = "lsh"
+  grouping: str = "greedy"
   seed: int = 0
   implementation: str | None = None
   causal: bool = False
@@ -112,7 +112,7 @@ class DistrMultiHeadAttention(nnx.MultiHeadAttention):
   """`nnx.MultiHeadAttention` with DistrAttention inside (same state)."""
 
   def __init__(self, *args, group_size: int = 2, block_q: int = 64, num_projs: int = 16,
-               representative: str = "mean", grouping: str = "lsh", seed: int = 0,
+               representative: str = "mean", grouping: str = "greedy", seed: int = 0,
                implementation: str | None = None, causal: bool = False,
                sharding: jax.sharding.NamedSharding | None = None, **kwargs):
     if "attention_fn" in kwargs:

@@ -66,14 +66,14 @@ def exact_attention(query, key, value, *, scale=None, is_causal=False, mask=None
 
 def distr_attention_reference(
     query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
-    grouping="lsh", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
+    grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, perm=None):
   """DistrAttention, transcribed step by step from DESIGN.md section 1.
 
   Args:
     query, key, value: `[B, Tq, H, d]`, `[B, Tk, Hkv, d]`, `[B, Tk, Hkv, dv]`.
     perm: optional int `[B, H, ceil(Tq / block_q), d]` column permutations; by default
-      they are computed by `grouping.block_permutations` (LSH) exactly as
+      they are computed by `grouping.block_permutations` (greedy by default) exactly as
       `distr_attention` does.
     Other arguments as `distr_attention`.
 
