@@ -95,10 +95,10 @@ def distr_attention(
     num_projs: LSH projections (bits of the hash), 1..30.
     representative: "mean" (mean of the group's Q columns) or "sample" (its first
       column, as in the paper).
-    grouping: "greedy" (default: exact column distances within the block; 20-45% lower
-      output error than LSH in every setting measured, and on a GPU within 0.02-0.7 ms
-      of LSH's cost, README "Accuracy"), "lsh" (the paper's angular LSH) or "random"
-      (a control).
+    grouping: "greedy" (default: exact column distances within the block; lower output
+      error than LSH in every setting measured, and on a GPU at LSH's cost for blocks of
+      1024+ rows, README "Accuracy"), "lsh" (the paper's angular LSH) or "random" (a
+      control).
     seed: seed of the LSH projections (or of the random grouping).
     scale: score scale, default `1 / sqrt(d)`.
     is_causal: query i attends keys j <= i (top-left aligned, as jax.nn).

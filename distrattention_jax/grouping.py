@@ -25,7 +25,7 @@ def block_permutations(
     *,
     block_q: int,
     group_size: int,
-    grouping: str = "lsh",
+    grouping: str = "greedy",
     num_projs: int = 16,
     seed: int = 0,
     query_valid: jax.Array | None = None,
@@ -33,8 +33,8 @@ def block_permutations(
   """Column permutation of every query block: int32 `[batch, heads, num_blocks, d]`.
 
   Consecutive runs of `group_size` entries are the groups. `grouping`:
+    "greedy" (default): exact column distances within the block (`greedy_permutations`).
     "lsh": the paper's angular LSH with Gray-code ordering (`lsh.lsh_permutations`).
-    "greedy": exact column distances within the block (`greedy_permutations`).
     "random": a random permutation per block (a control for accuracy studies).
   The result is a constant for differentiation (`stop_gradient`).
   """

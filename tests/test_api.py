@@ -348,3 +348,22 @@ def test_config_validate_accepts_defaults_and_checks_head_dim():
     grouping.block_permutations(_Q, block_q=8, group_size=2, grouping="kmeans")
   with pytest.raises(ValueError, match=r"representative must be"):
     grouping.rep_weights(jnp.arange(4)[None], 2, "first")
+
+
+def test_cudnn_implementation_validates_before_running():
+  q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 2, 16)), jnp.bfloat16)
+  seg = jnp.zeros((1, 32), jnp.int32)
+  cases = [  # (kwargs, error, message)
+      (dict(q=q.astype(jnp.float32)), NotImplementedError, "float32 inputs"),
+      (dict(segment_ids=seg), NotImplementedError, "segment_ids"),
+      (dict(mask=jnp.ones((32, 32), bool)), NotImplementedError, "dense boolean `mask`"),
+      (dict(q=q[..., :12]), NotImplementedError, "head_dim=12"),
+      (dict(), ValueError, "needs a GPU backend"),  # valid options, but this is a CPU
+  ]
+  for kwargs, error, message in cases:
+    x = kwargs.pop("q", q)
+    with pytest.raises(error, match=message):
+      attention.distr_attention(x, x, x, implementation="cudnn", **kwargs)
+  # None never picks cuDNN off a GPU: same result as "xla".
+  np.testing.assert_array_equal(attention.distr_attention(q, q, q),
+                                attention.distr_attention(q, q, q, implementation="xla"))

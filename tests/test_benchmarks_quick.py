@@ -37,5 +37,5 @@ def test_grouping_cost_quick(tmp_path):
   grouping_cost.main(["--quick", "--out-dir", str(tmp_path)])
   (path,) = os.listdir(tmp_path)
   rows = json.load(open(tmp_path / path))["rows"]
-  assert {r["grouping"] for r in rows} == {"lsh", "greedy"}
+  assert {r["grouping"] for r in rows} == {"lsh", "greedy", "greedy-xla"}
   assert all(0 < r["fraction"] for r in rows)

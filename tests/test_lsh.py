@@ -63,7 +63,8 @@ def test_lsh_permutations_public_and_grouping_agree():
   q = _normal(np.random.default_rng(0), (1, 20, 2, 16))
   np.testing.assert_array_equal(
       lsh.lsh_permutations(q, block_q=8, num_projs=12, seed=4),
-      grouping.block_permutations(q, block_q=8, group_size=4, num_projs=12, seed=4))
+      grouping.block_permutations(q, block_q=8, group_size=4, grouping="lsh",
+                                 num_projs=12, seed=4))
 
 
 @pytest.mark.parametrize("num_bits", [1, 2, 3, 5, 8, 16])
