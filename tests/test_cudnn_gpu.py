@@ -115,3 +115,22 @@ def test_default_on_gpu_is_cudnn_and_falls_back_for_segments():
     assert _rel(out, ref) < 2e-2
   with pytest.raises(NotImplementedError, match="segment_ids"):
     _call("cudnn", q, k, v, segment_ids=seg)
+
+
+@requires_gpu
+@pytest.mark.parametrize("block_q", [64, 512])   # expand and narrow routes
+def test_vmap_and_remat(block_q):
+  q, k, v, kr = _inputs(21, 2, 512, 512, 4, 2, 64)
+  fn = functools.partial(_call, "cudnn", group_size=4, block_q=block_q, is_causal=True)
+  stacked = [jnp.stack([x, x[:, ::-1]]) for x in (q, k, v)]   # an extra leading axis
+  out = jax.jit(jax.vmap(fn))(*stacked)
+  for i in range(2):
+    assert _rel(out[i], fn(*(x[i] for x in stacked))) < 1e-3
+  w = jax.random.normal(kr, q.shape, jnp.float32)
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w))
+  plain = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  remat = jax.jit(jax.grad(loss(jax.checkpoint(fn)), argnums=(0, 1, 2)))(q, k, v)
+  value, _ = jax.jit(jax.value_and_grad(loss(fn)))(q, k, v)
+  assert np.isfinite(float(value))
+  for a, b in zip(plain, remat):
+    assert _rel(a, b) < 1e-3
