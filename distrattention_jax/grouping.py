@@ -64,7 +64,9 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   repeat. `O(block_q d^2)` per block for the Gram matrix plus `d/G` cheap steps: small
   next to attention's `O(N d)` per row. `use_kernel` runs the steps in one Pallas
   program per block (`pallas_kernels.greedy`; None: on a GPU), where XLA would launch
-  every step separately. Both give the same permutation. Returns int32
+  every step separately. Both give the same permutation. The Gram matrix is formed
+  from the input dtype (bf16/f16 products are exact in float32), so the same values
+  given as float32 may break an exact near-tie the other way. Returns int32
   `[batch, heads, nb, d]`.
   """
   query = jax.lax.stop_gradient(query)

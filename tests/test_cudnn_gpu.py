@@ -53,7 +53,9 @@ def _call(impl, q, k, v, **kw):
 def test_forward_and_gradient_parity(q_len, kv_len, d, group_size, block_q, causal, heads,
                                      kv_heads):
   q, k, v, kr = _inputs(q_len + d + group_size, 1, q_len, kv_len, heads, kv_heads, d)
-  kw = dict(group_size=group_size, block_q=block_q, is_causal=causal)
+  # LSH hashes a float32 copy of Q, so bf16 inputs and the float32 oracle group alike
+  # (greedy's Gram matrix follows the input dtype: test_greedy_grouping compares it).
+  kw = dict(group_size=group_size, block_q=block_q, is_causal=causal, grouping="lsh")
   out = jax.jit(functools.partial(_call, "cudnn", **kw))(q, k, v)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
   ref = jax.jit(functools.partial(_call, "xla", **kw))(*f32)
@@ -85,7 +87,7 @@ def test_narrow_route_is_taken():
 @pytest.mark.parametrize("group_size,block_q", [(4, 64), (2, 4096)])
 def test_padding_fp16_and_empty_rows(group_size, block_q):
   q, k, v, kr = _inputs(11, 3, 900, 700, 4, 2, 64, jnp.float16)
-  kw = dict(group_size=group_size, block_q=block_q, is_causal=True,
+  kw = dict(group_size=group_size, block_q=block_q, is_causal=True, grouping="lsh",
             query_seq_lengths=jnp.array([900, 513, 0]),
             key_value_seq_lengths=jnp.array([700, 0, 300]))
   out = _call("cudnn", q, k, v, **kw)
@@ -109,9 +111,9 @@ def test_default_on_gpu_is_cudnn_and_falls_back_for_segments():
   seg = (jnp.arange(256)[None] >= 100).astype(jnp.int32)
   # None picks cuDNN here and Pallas with segment_ids; both equal the XLA result.
   for kw in (dict(), dict(segment_ids=seg)):
-    out = dj.distr_attention(q, k, v, group_size=2, block_q=256, **kw)
+    out = dj.distr_attention(q, k, v, group_size=2, block_q=256, grouping="lsh", **kw)
     ref = _call("xla", *(x.astype(jnp.float32) for x in (q, k, v)), group_size=2,
-                block_q=256, **kw)
+                block_q=256, grouping="lsh", **kw)
     assert _rel(out, ref) < 2e-2
   with pytest.raises(NotImplementedError, match="segment_ids"):
     _call("cudnn", q, k, v, segment_ids=seg)
@@ -134,3 +136,18 @@ def test_vmap_and_remat(block_q):
   assert np.isfinite(float(value))
   for a, b in zip(plain, remat):
     assert _rel(a, b) < 1e-3
+
+
+@requires_gpu
+@pytest.mark.parametrize("block_q", [64, 4096])   # expand and narrow routes
+def test_greedy_grouping(block_q):
+  # The default grouping, same bf16 inputs on both sides (so the same permutations):
+  # cuDNN against the XLA path, and against the reference given those permutations.
+  q, k, v, _ = _inputs(31, 1, 1000, 1000, 4, 2, 128)
+  kw = dict(group_size=4, block_q=block_q, is_causal=True)
+  out = _call("cudnn", q, k, v, **kw)
+  assert _rel(out, _call("xla", q, k, v, **kw)) < 2e-2
+  perm = dj.block_permutations(q, block_q=block_q, group_size=4)
+  ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), perm=perm,
+                                     **kw)
+  assert _rel(out, ref) < 2e-2
