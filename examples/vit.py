@@ -23,7 +23,7 @@ class AttentionConfig:
   group_size: int = 2
   block_q: int = 64
   representative: str = "mean"
-  grouping: str = "lsh"
+  grouping: str = "greedy"
   implementation: str | None = None
   sharding: Any = None  # NamedSharding of the attention's query when data-parallel
 
