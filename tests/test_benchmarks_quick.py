@@ -39,3 +39,11 @@ def test_grouping_cost_quick(tmp_path):
   rows = json.load(open(tmp_path / path))["rows"]
   assert {r["grouping"] for r in rows} == {"lsh", "greedy", "greedy-xla"}
   assert all(0 < r["fraction"] for r in rows)
+
+
+def test_tradeoff_plot_from_committed_results(tmp_path):
+  from benchmarks import tradeoff
+  tradeoff.main(["--out-dir", str(tmp_path)])
+  (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+  pts = json.load(open(tmp_path / path))["points"]
+  assert pts and all(0.5 < p["speedup"] < 2 and 0 < p["cosine_greedy"] <= 1 for p in pts)

@@ -1,0 +1,96 @@
+"""The speed/accuracy trade-off in one plot, from results already measured.
+
+    python -m benchmarks.tradeoff
+
+x: forward+backward speed-up over cuDNN (GPU speed JSON, d=128, N=16384, non-causal);
+y: embedding cosine of the pretrained model with DistrAttention swapped in
+(`benchmarks.pretrained` JSON). Each point is one (G, grouping block) setting: speed at
+block_q=64 and with one grouping per sequence, accuracy at block_q=64 and 128 (one
+grouping per sequence for those texts). The two were measured on different shapes (the
+model has d=32 and short texts), so read the plot as a map of the options, not a law.
+Writes benchmarks/results/tradeoff-<date>.png and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+
+from benchmarks import timing
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _latest(pattern):
+  paths = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+  if not paths:
+    raise FileNotFoundError(f"no {pattern} under {RESULTS}: run the benchmark first")
+  return paths[-1]
+
+
+def points(speed, pretrained, n=16384, d=128):
+  """[(label, G, speedup over cuDNN, cosine)] for greedy with both block settings."""
+  ms = {r["impl"]: r["ms"] for r in speed["rows"]
+        if r["n"] == n and r["d"] == d and not r["causal"] and r["mode"] == "fwdbwd" and r["ms"]}
+  cos = {(r["G"], r["block_q"], r["grouping"]): r["mean_cos"] for r in pretrained["rows"]
+         if r["representative"] == "mean"}
+  whole = max(r["block_q"] for r in pretrained["rows"])
+  out = []
+  for g in sorted({r["G"] for r in pretrained["rows"]}):
+    for label, impl, bq in ((f"G={g}, block_q=64", f"cudnn-distr G={g} bq=64", 64),
+                            (f"G={g}, one grouping per sequence", f"cudnn-distr G={g} bq=N",
+                             whole)):
+      if impl in ms and "cudnn" in ms and (g, bq, "greedy") in cos:
+        out.append({"label": label, "G": g, "speedup": ms["cudnn"] / ms[impl],
+                    "cosine_greedy": cos[(g, bq, "greedy")],
+                    "cosine_lsh": cos.get((g, bq, "lsh"))})
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--speed-json", default=None, help="default: the latest speed-*-d128-<date>.json")
+  p.add_argument("--pretrained-json", default=None, help="default: the latest pretrained-*.json")
+  p.add_argument("--out-dir", default=RESULTS)
+  args = p.parse_args(argv)
+  with open(args.speed_json or _latest("speed-*-d128-20*.json")) as f:
+    speed = json.load(f)
+  with open(args.pretrained_json or _latest("pretrained-*.json")) as f:
+    pretrained = json.load(f)
+  pts = points(speed, pretrained)
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for key, marker, name in (("cosine_greedy", "o", "greedy"), ("cosine_lsh", "x", "lsh")):
+    xs = [q["speedup"] for q in pts if q[key] is not None]
+    ys = [q[key] for q in pts if q[key] is not None]
+    ax.scatter(xs, ys, marker=marker, label=f"{name} grouping")
+    for q in pts:
+      if q[key] is not None and name == "greedy":
+        ax.annotate(q["label"], (q["speedup"], q[key]), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points")
+  ax.scatter([1.0], [1.0], marker="*", s=80, color="k", label="exact cuDNN")
+  ax.axvline(1.0, color="k", lw=0.5)
+  ax.margins(x=0.35, y=0.08)
+  ax.set(xlabel=f"fwd+bwd speed-up over cuDNN ({speed['device']}, d=128, N=16384)",
+         ylabel="embedding cosine vs exact (all-MiniLM-L6-v2)",
+         title="DistrAttention: speed vs accuracy (cuDNN path)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  day = datetime.date.today().isoformat()
+  png = os.path.join(args.out_dir, f"tradeoff-{day}.png")
+  os.makedirs(args.out_dir, exist_ok=True)
+  fig.savefig(png, dpi=110)
+  timing.write_json(os.path.join(args.out_dir, f"tradeoff-{day}.json"), {"points": pts})
+  for q in pts:
+    print(f"{q['label']:36s} speed-up {q['speedup']:.2f}  cosine greedy {q['cosine_greedy']:.3f}"
+          f"  lsh {q['cosine_lsh'] if q['cosine_lsh'] is None else round(q['cosine_lsh'], 3)}")
+  print("wrote", png)
+
+
+if __name__ == "__main__":
+  main()
