@@ -129,6 +129,8 @@ def main(argv=None):
   p.add_argument("--block-q", type=int, nargs="+", default=[8, 16, 64, 128],
                  help="128 = max-len: one grouping per sequence")
   p.add_argument("--groupings", nargs="+", default=["lsh", "greedy", "random"])
+  p.add_argument("--lsh-seeds", type=int, nargs="+", default=[0],
+                 help="LSH projection seeds (one matrix for every block: the seed matters)")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
   weights, tokenizer = load_model()
@@ -148,17 +150,19 @@ def main(argv=None):
   sanity = {"paraphrase_cos": float(pair[0] @ pair[1]), "unrelated_cos": float(pair[2] @ pair[3])}
   print("sanity:", sanity)
   rows = []
-  for g, bq, grouping, rep in itertools.product(args.groups, args.block_q, args.groupings,
-                                                ("mean", "sample")):
+  for g, bq, grouping, rep, seed in itertools.product(
+      args.groups, args.block_q, args.groupings, ("mean", "sample"), args.lsh_seeds):
     if rep == "sample" and grouping != "lsh":
       continue  # the paper's rule, for one comparison; "mean" everywhere else
+    if seed != args.lsh_seeds[0] and grouping != "lsh":
+      continue  # greedy is deterministic; random grouping keeps the first seed
     fn = functools.partial(dj.distr_attention, group_size=g, block_q=bq, grouping=grouping,
-                           representative=rep, implementation="xla")
+                           representative=rep, seed=seed, implementation="xla")
     approx = np.concatenate([np.asarray(run(weights, i, n, attention_fn=fn)) for i, n in data])
     cos = np.sum(approx * exact, -1)
     rows.append({"G": g, "block_q": bq, "grouping": grouping, "representative": rep,
-                 "mean_cos": float(cos.mean()), "min_cos": float(cos.min())})
-    print(f"G={g} block_q={bq:4d} {grouping:7s} {rep:6s} cosine {cos.mean():.4f} "
+                 "seed": seed, "mean_cos": float(cos.mean()), "min_cos": float(cos.min())})
+    print(f"G={g} block_q={bq:4d} {grouping:7s} {rep:6s} seed {seed} cosine {cos.mean():.4f} "
           f"(min {cos.min():.3f})", flush=True)
   day = datetime.date.today().isoformat()
   path = timing.write_json(os.path.join(args.out_dir, f"pretrained-minilm-{day}.json"),
