@@ -52,6 +52,13 @@ def supports(masks, dtype, head_dim: int, value_dim: int) -> str | None:
   for name, dim in (("head_dim", head_dim), ("value head_dim", value_dim)):
     if dim % 8 or dim > MAX_HEAD_DIM:
       return f"{name}={dim} (cuDNN needs a multiple of 8, at most {MAX_HEAD_DIM})"
+  if jax.default_backend() == "gpu":  # off a GPU the caller says that a GPU is needed
+    binding = _internal_binding()
+    if binding is not None and not binding.check_compute_capability("8.0"):
+      return "this GPU (cuDNN's fused attention needs compute capability 8.0 or newer)"
+    if head_dim != value_dim and not _mla_supported():
+      return (f"value head_dim {value_dim} != head_dim {head_dim} on this GPU/cuDNN "
+              "(needs Hopper and cuDNN >= 9.10)")
   return None
 
 
