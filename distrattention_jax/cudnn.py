@@ -154,9 +154,7 @@ def distr_attention_cudnn(query, key, value, perm, masks, *, group_size, block_q
     q_exp = grouping_lib.expand_query(query, perm, group_size, block_q, representative)
     out = _call_cudnn(q_exp, key, value, masks, scale)
   # The contract: rows with no key to attend (padding rows, empty key sets) are 0.
-  has_key = None
-  if masks.q_lengths is not None:
-    has_key = jnp.arange(q_len)[None, :] < masks.q_lengths[:, None]
+  has_key = masks.query_valid(q_len)  # [B, Tq] or None
   if masks.kv_lengths is not None:
     some = jnp.broadcast_to((masks.kv_lengths > 0)[:, None], (batch, q_len))
     has_key = some if has_key is None else has_key & some

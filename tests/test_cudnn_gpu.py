@@ -15,22 +15,11 @@ import pytest
 import distrattention_jax as dj
 from distrattention_jax import cudnn as cudnn_lib
 
+from gpu_parity import random_inputs as _inputs
+from gpu_parity import rel_error as _rel
+from gpu_parity import requires_gpu
+
 pytestmark = pytest.mark.gpu
-requires_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
-
-
-def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, d, dtype=jnp.bfloat16):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (batch, q_len, heads, d), dtype)
-  k = jax.random.normal(ks[1], (batch, kv_len, kv_heads, d), dtype)
-  v = jax.random.normal(ks[2], (batch, kv_len, kv_heads, d), dtype)
-  return q, k, v, ks[3]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  assert np.all(np.isfinite(a)), "non-finite values"
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 CASES = [  # (q_len, kv_len, d, group_size, block_q, causal, heads, kv_heads)

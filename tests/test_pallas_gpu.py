@@ -16,22 +16,11 @@ import pytest
 import distrattention_jax as dj
 from distrattention_jax import grouping
 
+from gpu_parity import random_inputs as _inputs
+from gpu_parity import rel_error as _rel
+from gpu_parity import requires_gpu
+
 pytestmark = pytest.mark.gpu
-requires_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
-
-
-def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, d, dtype):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (batch, q_len, heads, d), dtype)
-  k = jax.random.normal(ks[1], (batch, kv_len, kv_heads, d), dtype)
-  v = jax.random.normal(ks[2], (batch, kv_len, kv_heads, d), dtype)
-  return q, k, v, ks[3]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  assert np.all(np.isfinite(a)), "non-finite values (unwritten or NaN outputs)"
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 CASES = [  # (q_len, d, group_size, block_q, causal)
@@ -105,8 +94,8 @@ def test_masks_ragged_gqa_dtypes(group_size, block_q):
 @pytest.mark.parametrize("d,group_size,block_q", [(64, 4, 64), (128, 4, 16),
                                                   (128, 2, 16384), (96, 8, 128)])
 def test_greedy_kernel_equals_xla_loop(d, group_size, block_q):
-  # Same algorithm and tie-break; the Gram matrices sum rows in different orders, so
-  # only float near-ties may differ: (almost) every block must agree exactly.
+  # Same algorithm, tie-break and Gram matrix; the kernel forms |c|^2 + |s|^2 - 2<c, s>
+  # in its own float order, so only near-ties may differ: (almost) every block agrees.
   q, _, _, _ = _inputs(d + block_q, 2, 16384 if block_q == 16384 else 3000, 16, 8, 8, d,
                        jnp.bfloat16)
   kw = dict(block_q=block_q, group_size=group_size)
