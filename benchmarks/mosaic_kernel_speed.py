@@ -1,0 +1,160 @@
+"""Kernel-level speed of our Mosaic GPU attention against cuDNN, in one process per group.
+
+Times the kernels alone (Q pre-scaled, K_fused given; no grouping step): forward, and
+forward+backward (jax.vjp with a random cotangent), medians of rounds after warm-up.
+cuDNN is jax.nn.dot_product_attention(implementation="cudnn") at the full width d.
+Each group runs in a child process with a time limit, so a hang costs one group only.
+
+  PYTHONPATH=. python benchmarks/mosaic_kernel_speed.py --groups cudnn,d128,d256 \
+      --json benchmarks/results/mosaic_kernel_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, HEADS, SEQ = 1, 16, 16384
+
+
+def _groups():
+  """name -> list of (label, d, G, tiles overrides or None); G=0 means cuDNN."""
+  ours = lambda d, gs: [(f"ours d={d} G={g}", d, g, None) for g in gs]
+  return {
+      "cudnn": [("cudnn d=128", 128, 0, None), ("cudnn d=256", 256, 0, None)],
+      "d128": ours(128, (1, 2, 4, 8)),
+      "d256": ours(256, (2, 4, 8)),
+      "variants": [
+          ("d=128 G=4 block_kv=64", 128, 4, {"block_kv": 64}),
+          ("d=128 G=4 bwd 1 wg", 128, 4, {"compute_wgs_bwd": 1}),
+          ("d=128 G=4 bwd kv_dq=128 q_dkv=128", 128, 4,
+           {"block_kv_dq": 128, "block_q_dkv": 128}),
+      ],
+  }
+
+
+def _time(fn, args, rounds=5, iters=10):
+  import jax
+  jax.block_until_ready(fn(*args))  # compile
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / iters * 1e3)
+  return statistics.median(times), min(times)
+
+
+def run_group(name, modes, out_path):
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.mosaic_gpu import attention as mosaic
+  from pallas_kernels.mosaic_gpu import tiles as mosaic_tiles
+
+  for label, d, group, overrides in _groups()[name]:
+    for causal in (False, True):
+      r = d if group == 0 else d // group
+      dv = d
+      ks = jax.random.split(jax.random.key(d + group), 4)
+      q = (jax.random.normal(ks[0], (BATCH, SEQ, HEADS, r), jnp.float32)
+           * d ** -0.5).astype(jnp.bfloat16)
+      k = jax.random.normal(ks[1], (BATCH, SEQ, HEADS, r), jnp.bfloat16)
+      v = jax.random.normal(ks[2], (BATCH, SEQ, HEADS, dv), jnp.bfloat16)
+      do = jax.random.normal(ks[3], (BATCH, SEQ, HEADS, dv), jnp.bfloat16)
+      tiles = None
+      if group == 0:
+        attn = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn")
+      else:
+        tiles = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16)
+        if overrides:
+          tiles = dataclasses.replace(tiles, **overrides)
+        attn = lambda q, k, v, tiles=tiles: mosaic.attention(q, k, v, causal=causal,
+                                                             tiles=tiles)
+      fns = {
+          "fwd": jax.jit(attn),
+          "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
+      }
+      for mode in modes:
+        args = (q, k, v) if mode == "fwd" else (q, k, v, do)
+        row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,
+                   tiles=None if tiles is None else dataclasses.asdict(tiles))
+        try:
+          row["ms"], row["ms_min"] = _time(fns[mode], args)
+        except Exception as e:  # record and go on (e.g. shared memory overflow)
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        with open(out_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--groups", default="cudnn,d128,d256")
+  parser.add_argument("--modes", default="fwd,fwd+bwd")
+  parser.add_argument("--json", default="benchmarks/results/mosaic_kernel_speed.json")
+  parser.add_argument("--group-timeout", type=float, default=240)
+  parser.add_argument("--child", default=None)
+  parser.add_argument("--rows", default=None)
+  args = parser.parse_args()
+  modes = args.modes.split(",")
+  if args.child:
+    run_group(args.child, modes, args.rows)
+    return
+
+  import jax
+  rows_path = args.json + ".rows"
+  if os.path.exists(rows_path):
+    os.remove(rows_path)
+  status = {}
+  for name in args.groups.split(","):
+    cmd = [sys.executable, __file__, "--child", name, "--rows", rows_path, "--modes",
+           args.modes]
+    try:
+      proc = subprocess.run(cmd, timeout=args.group_timeout)
+      status[name] = proc.returncode
+    except subprocess.TimeoutExpired:
+      status[name] = "timeout"
+    print(f"group {name}: {status[name]}", flush=True)
+  rows = []
+  if os.path.exists(rows_path):
+    with open(rows_path) as f:
+      rows = [json.loads(line) for line in f]
+    os.remove(rows_path)
+  result = dict(
+      device=jax.devices()[0].device_kind, date=datetime.datetime.now(
+          datetime.timezone.utc).isoformat(timespec="minutes"),
+      jax=jax.__version__, batch=BATCH, heads=HEADS, seq=SEQ, dtype="bfloat16",
+      groups=status, rows=rows)
+  os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(result, f, indent=1)
+  print_table(result)
+
+
+def print_table(result):
+  rows = [r for r in result["rows"] if "ms" in r]
+  cudnn = {(r["d"], r["causal"], r["mode"]): r["ms"] for r in rows if r["G"] == 0}
+  print(f"{result['device']}  jax {result['jax']}  {result['date']}  B={result['batch']} "
+        f"H={result['heads']} N={result['seq']} bf16 (ms, cuDNN/ours)")
+  for r in rows:
+    base = cudnn.get((r["d"], r["causal"], r["mode"]))
+    ratio = f"{base / r['ms']:.2f}x" if base and r["G"] else ""
+    print(f"{r['label']:<40} causal={int(r['causal'])} {r['mode']:<8} {r['ms']:8.3f} {ratio}")
+  for r in result["rows"]:
+    if "error" in r:
+      print("ERROR", r["label"], r["causal"], r["mode"], r["error"][:200])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,340 @@
+"""Warp-specialised FlashAttention backward for Hopper (Pallas Mosaic GPU).
+
+Two kernels after an XLA pre-pass delta = rowsum(O * dO) (FlashAttention-2 Alg. 2):
+- dQ: consumer warpgroups own `block_q_dq` query rows (Q_rep, dO, lse, delta stay in
+  shared memory / registers); a TMA warpgroup streams K_fused and V tiles.
+  P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+- dK/dV: consumer warpgroups own `block_kv_dkv` keys (K_fused and V stay); a TMA
+  warpgroup streams Q_rep, dO, lse and delta tiles.
+  P^T = exp(K Q^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+  dK += dS^T Q.
+Causal: dQ stops at the diagonal, dK/dV starts at it; only diagonal tiles are masked.
+Scores are r wide, dO / V / dV dv wide. dK and dV come out per query head (the
+wrapper sums them over the query heads that share a k / v head).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mosaic_gpu import common
+from pallas_kernels.mosaic_gpu.common import LOG2E, WGMMA_COL, WGMMA_ROW, cdiv, i32
+from pallas_kernels.mosaic_gpu.tiles import Tiles
+
+
+def _regs(wgs: int) -> tuple[int, int]:
+  """(consumer, producer) register caps: 65536 registers / 128 threads per warpgroup."""
+  return {1: (256, 40), 2: (232, 40), 3: (160, 24)}[wgs]
+
+
+def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles):
+  batch, q_len, heads, r = q.shape
+  _, kv_len_padded, k_heads, _ = k.shape
+  v_heads, dv = v.shape[2], v.shape[3]
+  dtype = q.dtype
+  wgs, block_q, block_kv = tiles.compute_wgs_bwd, tiles.block_q_dq, tiles.block_kv_dq
+  assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
+  num_kv_tiles = kv_len_padded // block_kv
+  stages = min(tiles.stages_bwd, num_kv_tiles)
+  q_per_k, q_per_v = heads // k_heads, heads // v_heads
+  kv_tail = kv_len < kv_len_padded
+  cta_rows = wgs * block_q
+  consumer_regs, producer_regs = _regs(wgs)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, rows_loaded,
+             kv_loaded, kv_free):
+    q_smems, do_smems, lse_smems, delta_smems, k_smems, v_smems = smem
+    bi = lax.axis_index("batch")
+    hi = lax.axis_index("heads")
+    qi = lax.axis_index("q_tiles")
+    wg = lax.axis_index("wg")
+    if causal:
+      cta_tiles = jnp.minimum(cdiv((qi + 1) * cta_rows, block_kv), num_kv_tiles)
+    else:
+      cta_tiles = num_kv_tiles
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(consumer_regs, action="increase")
+      q_base = (qi * wgs + wg) * block_q
+      rows = pl.ds(q_base, block_q)
+      q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
+      lse_smem, delta_smem = lse_smems.at[wg], delta_smems.at[wg]
+      barrier = rows_loaded.at[wg]  # 4 arrivals: one per copy
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, barrier)
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, barrier)
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem, barrier)
+      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem, barrier)
+      if causal:
+        wg_tiles = jnp.minimum(cdiv(q_base + block_q, block_kv), num_kv_tiles)
+        plain_tiles = jnp.minimum(lax.div(q_base, i32(block_kv)),
+                                  num_kv_tiles - 1 if kv_tail else num_kv_tiles)
+      else:
+        wg_tiles = num_kv_tiles
+        plain_tiles = num_kv_tiles - 1 if kv_tail else num_kv_tiles
+      plgpu.barrier_wait(barrier)
+      lse2 = plgpu.load(lse_smem, layout=WGMMA_ROW) * LOG2E
+      delta = plgpu.load(delta_smem, layout=WGMMA_ROW)
+      dq = common.zeros_acc((block_q, r))
+
+      def kv_step(t, dq, *, masked):
+        slot = lax.rem(t, i32(stages))
+        plgpu.barrier_wait(kv_loaded.at[slot])
+
+        def scores(s_ref):  # S = Q_rep K^T
+          plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].T)
+          return s_ref[...]
+        s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+        p = jnp.exp2(s * LOG2E - common.row_bcast(lse2, s.shape))
+        if masked:
+          rows_i = q_base + common.iota(s.shape, 0)
+          cols = t * block_kv + common.iota(s.shape, 1)
+          valid = None
+          if causal:
+            valid = cols <= rows_i
+          if kv_tail:
+            in_len = cols < kv_len
+            valid = in_len if valid is None else jnp.logical_and(valid, in_len)
+          p = jnp.where(valid, p, 0.0)
+
+        def dprobs(dp_ref):  # dP = dO V^T
+          plgpu.wgmma(dp_ref, do_smem, v_smems.at[slot].T)
+          return dp_ref[...]
+        dp = pl.run_scoped(dprobs, plgpu.ACC((block_q, block_kv), jnp.float32))
+        ds = p * (dp - common.row_bcast(delta, dp.shape))
+
+        def dq_update(acc_ref):  # dQ += dS K
+          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smems.at[slot])
+        dq = pl.run_state(dq_update)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(kv_free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False), dq)
+      if causal or kv_tail:
+        dq = lax.cond(
+            plain_tiles < wg_tiles,
+            lambda: lax.fori_loop(plain_tiles, wg_tiles,
+                                  lambda t, c: kv_step(t, c, masked=True), dq),
+            lambda: dq)
+      if causal:  # tiles streamed for a later warpgroup only: wait (pacing) and free
+        def release(t, _):
+          slot = lax.rem(t, i32(stages))
+          plgpu.barrier_wait(kv_loaded.at[slot])
+          plgpu.barrier_arrive(kv_free.at[slot])
+        lax.fori_loop(wg_tiles, cta_tiles, release, None)
+
+      q_smem[...] = dq.astype(dtype)  # Q_rep is no longer needed: reuse its buffer
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, hi])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(producer_regs, action="decrease")
+      k_head = lax.div(hi, i32(q_per_k))
+      v_head = lax.div(hi, i32(q_per_v))
+
+      def load(t, slot):
+        keys = pl.ds(t * block_kv, block_kv)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
+                                kv_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
+                                kv_loaded.at[slot])
+
+      for s in range(stages):
+        pl.when(s < cta_tiles)(lambda s=s: load(s, s))
+
+      @pl.loop(0, cta_tiles - stages)
+      def _(t):
+        slot = lax.rem(t, i32(stages))
+        plgpu.barrier_wait(kv_free.at[slot])
+        load(t + stages, slot)
+
+  def entry(*refs):
+    smem = (
+        plgpu.SMEM((wgs, block_q, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((wgs, block_q, dv), dtype, transforms=common.smem_transforms(dv, dtype)),
+        plgpu.SMEM((wgs, block_q), jnp.float32),
+        plgpu.SMEM((wgs, block_q), jnp.float32),
+        plgpu.SMEM((stages, block_kv, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((stages, block_kv, dv), dtype,
+                   transforms=common.smem_transforms(dv, dtype)),
+    )
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, *scoped),
+        smem,
+        plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(heads, q_len // cta_rows, batch),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, lse, delta)
+
+
+def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
+  """dK [B, Tk, H, r] and dV [B, Tk, H, dv] per query head."""
+  batch, q_len, heads, r = q.shape
+  _, kv_len_padded, k_heads, _ = k.shape
+  v_heads, dv = v.shape[2], v.shape[3]
+  dtype = q.dtype
+  wgs, block_kv, block_q = tiles.compute_wgs_bwd, tiles.block_kv_dkv, tiles.block_q_dkv
+  assert kv_len_padded % (wgs * block_kv) == 0 and q_len % block_q == 0
+  num_q_tiles = q_len // block_q
+  q_per_k, q_per_v = heads // k_heads, heads // v_heads
+  cta_keys = wgs * block_kv
+  consumer_regs, producer_regs = _regs(wgs)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
+             kv_loaded, q_loaded, q_free):
+    k_smems, v_smems, q_smems, do_smems, lse_smems, delta_smems = smem
+    bi = lax.axis_index("batch")
+    hi = lax.axis_index("heads")
+    ki = lax.axis_index("kv_tiles")
+    wg = lax.axis_index("wg")
+    # q tiles this CTA streams: [cta_first, num_q_tiles); causal starts at the diagonal.
+    cta_first = lax.div(ki * cta_keys, i32(block_q)) if causal else 0
+    stages = min(tiles.stages_bwd, num_q_tiles)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(consumer_regs, action="increase")
+      kv_base = (ki * wgs + wg) * block_kv
+      keys = pl.ds(kv_base, block_kv)
+      k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, lax.div(hi, i32(q_per_k))], k_smem,
+                              kv_loaded.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, lax.div(hi, i32(q_per_v))], v_smem,
+                              kv_loaded.at[wg])
+      # [cta_first, wg_first): streamed for an earlier warpgroup only (causal);
+      # [wg_first, plain_first): diagonal tiles, masked; [plain_first, end): unmasked.
+      if causal:
+        wg_first = jnp.minimum(lax.div(kv_base, i32(block_q)), num_q_tiles)
+        plain_first = jnp.minimum(cdiv(kv_base + block_kv - 1, block_q), num_q_tiles)
+      else:
+        wg_first = plain_first = 0
+      plgpu.barrier_wait(kv_loaded.at[wg])
+      dk = common.zeros_acc((block_kv, r))
+      dv_acc = common.zeros_acc((block_kv, dv))
+
+      def release(i, _):
+        slot = lax.rem(i - cta_first, i32(stages))
+        plgpu.barrier_wait(q_loaded.at[slot])
+        plgpu.barrier_arrive(q_free.at[slot])
+      if causal:
+        lax.fori_loop(cta_first, wg_first, release, None)
+
+      def q_step(i, carry, *, masked):
+        dk, dv_acc = carry
+        slot = lax.rem(i - cta_first, i32(stages))
+        plgpu.barrier_wait(q_loaded.at[slot])
+        q_smem, do_smem = q_smems.at[slot], do_smems.at[slot]
+
+        def scores(s_ref):  # S^T = K Q_rep^T  [block_kv, block_q]
+          plgpu.wgmma(s_ref, k_smem, q_smem.T)
+          return s_ref[...]
+        s_t = pl.run_scoped(scores, plgpu.ACC((block_kv, block_q), jnp.float32))
+        lse2 = plgpu.load(lse_smems.at[slot], layout=WGMMA_COL) * LOG2E
+        p_t = jnp.exp2(s_t * LOG2E - common.col_bcast(lse2, s_t.shape))
+        if masked:  # key j sees query i iff j <= i
+          key_j = kv_base + common.iota(s_t.shape, 0)
+          query_i = i * block_q + common.iota(s_t.shape, 1)
+          p_t = jnp.where(key_j <= query_i, p_t, 0.0)
+
+        def dv_and_dp(refs):  # dV += P^T dO ; dP^T = V dO^T (one wgmma group)
+          dv_ref, dp_ref = refs
+          plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem)
+          plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+        dv_acc, dp_t = pl.run_state(dv_and_dp)(
+            (plgpu.ACC.init(dv_acc), plgpu.ACC.init(common.zeros_acc((block_kv, block_q)))))
+        delta = plgpu.load(delta_smems.at[slot], layout=WGMMA_COL)
+        ds_t = p_t * (dp_t - common.col_bcast(delta, dp_t.shape))
+
+        def dk_update(acc_ref):  # dK += dS^T Q_rep
+          plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem)
+        dk = pl.run_state(dk_update)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(q_free.at[slot])
+        return dk, dv_acc
+
+      carry = (dk, dv_acc)
+      if causal:
+        carry = lax.cond(
+            wg_first < plain_first,
+            lambda: lax.fori_loop(wg_first, plain_first,
+                                  lambda i, c: q_step(i, c, masked=True), carry),
+            lambda: carry)
+      dk, dv_acc = lax.fori_loop(plain_first, num_q_tiles,
+                                 lambda i, c: q_step(i, c, masked=False), carry)
+
+      k_smem[...] = dk.astype(dtype)
+      v_smem[...] = dv_acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, keys, hi], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, keys, hi], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(producer_regs, action="decrease")
+
+      def load(i, slot):
+        rows = pl.ds(i * block_q, block_q)
+        barrier = q_loaded.at[slot]  # 4 arrivals: one per copy
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smems.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smems.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smems.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smems.at[slot], barrier)
+
+      n_tiles = num_q_tiles - cta_first
+      for s in range(stages):
+        pl.when(s < n_tiles)(lambda s=s: load(cta_first + s, s))
+
+      @pl.loop(0, n_tiles - stages)
+      def _(j):
+        slot = lax.rem(j, i32(stages))
+        plgpu.barrier_wait(q_free.at[slot])
+        load(cta_first + j + stages, slot)
+
+  def entry(*refs):
+    stages = min(tiles.stages_bwd, num_q_tiles)
+    smem = (
+        plgpu.SMEM((wgs, block_kv, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((wgs, block_kv, dv), dtype,
+                   transforms=common.smem_transforms(dv, dtype)),
+        plgpu.SMEM((stages, block_q, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((stages, block_q, dv), dtype,
+                   transforms=common.smem_transforms(dv, dtype)),
+        plgpu.SMEM((stages, block_q), jnp.float32),
+        plgpu.SMEM((stages, block_q), jnp.float32),
+    )
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, *scoped),
+        smem,
+        plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct((batch, kv_len_padded, heads, r), dtype),
+              jax.ShapeDtypeStruct((batch, kv_len_padded, heads, dv), dtype))
+  return plgpu.kernel(
+      entry,
+      out_type=out_type,
+      grid=(heads, kv_len_padded // cta_keys, batch),
+      grid_names=("heads", "kv_tiles", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, lse, delta)

@@ -1,0 +1,81 @@
+"""Helpers shared by the Mosaic GPU attention kernels."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Masked scores: finite, so a tile whose every entry is masked never produces NaN
+# (exp2 of (MASKED - row max) underflows to 0 once a real key has been seen).
+MASKED = -1e30
+
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a wgmma tile
+
+
+def smem_transforms(width: int, dtype) -> tuple:
+  """Tiling + swizzle for a [rows, width] shared-memory tile used as a wgmma operand.
+
+  The swizzle is the widest of 128/64/32 bytes that divides a row: 128 B for r >= 64
+  (bf16/f16), 64 B for r = 32, 32 B for r = 16 (MOSAIC_NOTES.md)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(width * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def iota(shape, dim):
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def row_bcast(x, shape):
+  """[rows] -> [rows, cols]."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def col_bcast(x, shape):
+  """[cols] -> [rows, cols]."""
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def i32(x):
+  return jnp.asarray(x, jnp.int32)
+
+
+def cdiv(a, b):
+  return lax.div(a + (b - 1), i32(b))
+
+
+def zeros_acc(shape):
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
+
+
+def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+  """Raises ValueError for inputs the kernels do not take."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, T, heads, width], got {q.shape}, {k.shape}, {v.shape}")
+  batch, _, heads, r = q.shape
+  if k.shape[0] != batch or v.shape[0] != batch:
+    raise ValueError("q, k, v must share the batch size")
+  if k.shape[3] != r:
+    raise ValueError(f"k's width {k.shape[3]} must equal q's width {r}")
+  if k.shape[1] != v.shape[1]:
+    raise ValueError(f"k and v must have one length, got {k.shape[1]} and {v.shape[1]}")
+  if heads % k.shape[2] or heads % v.shape[2]:
+    raise ValueError(f"query heads {heads} must be a multiple of k heads {k.shape[2]} "
+                     f"and v heads {v.shape[2]}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"only bfloat16 and float16 are supported, got {q.dtype}")
+  if r % 16 or not 16 <= r <= 256:
+    raise ValueError(f"score width r={r} must be a multiple of 16 in [16, 256]")
+  dv = v.shape[3]
+  if dv % 64 or not 64 <= dv <= 256:
+    raise ValueError(f"value width dv={dv} must be 64, 128, 192 or 256")

@@ -1,0 +1,230 @@
+"""Warp-specialised FlashAttention forward for Hopper (Pallas Mosaic GPU).
+
+One CTA = `compute_wgs` (2) consumer warpgroups of `block_q` query rows each + one TMA
+producer warpgroup streaming K [block_kv, r] and V [block_kv, dv] tiles through `stages`
+shared-memory buffers guarded by mbarriers. Scores are r wide (Q_rep, K_fused), the
+accumulator and output dv wide. The two consumers ping-pong through a schedule barrier so
+that one issues its wgmmas while the other computes its softmax (FlashAttention-3 §3.1).
+
+Inputs are padded by the caller: Tq a multiple of compute_wgs * block_q, Tk of block_kv;
+`kv_len` (static) is the real key count, keys past it are masked in the last tile.
+Outputs: out [B, Tq, H, dv] (input dtype) and lse [B, H, Tq] float32 (natural log).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mosaic_gpu import common
+from pallas_kernels.mosaic_gpu.common import LN2, LOG2E, MASKED, WGMMA_ROW, cdiv, i32
+from pallas_kernels.mosaic_gpu.tiles import Tiles
+
+
+def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
+  batch, q_len, heads, r = q.shape
+  _, kv_len_padded, k_heads, _ = k.shape
+  v_heads, dv = v.shape[2], v.shape[3]
+  dtype = q.dtype
+  wgs, block_q, block_kv = tiles.compute_wgs, tiles.block_q, tiles.block_kv
+  if wgs != 2:
+    raise ValueError("the forward kernel ping-pongs exactly 2 consumer warpgroups")
+  assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
+  num_kv_tiles = kv_len_padded // block_kv
+  stages = min(tiles.stages, num_kv_tiles)
+  q_per_k, q_per_v = heads // k_heads, heads // v_heads
+  kv_tail = kv_len < kv_len_padded  # the last kv tile holds padding keys to mask
+  cta_rows = wgs * block_q
+
+  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, smem, loaded, free, schedule):
+    q_smems, o_smems, lse_smems, k_smems, v_smems = smem
+    q_loaded, k_loaded, v_loaded = loaded
+    k_free, v_free = free
+    bi = lax.axis_index("batch")
+    hi = lax.axis_index("heads")
+    qi = lax.axis_index("q_tiles")
+    wg = lax.axis_index("wg")
+
+    # kv tiles this CTA streams: causal stops at the diagonal of its last query row.
+    if causal:
+      cta_tiles = jnp.minimum(cdiv((qi + 1) * cta_rows, block_kv), num_kv_tiles)
+    else:
+      cta_tiles = num_kv_tiles
+
+    def schedule_sync():
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      q_base = (qi * wgs + wg) * block_q
+      q_smem, o_smem, lse_smem = q_smems.at[wg], o_smems.at[wg], lse_smems.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], q_smem,
+                              q_loaded.at[wg])
+      # This warpgroup's tiles: [0, wg_tiles); [0, plain_tiles) need no mask.
+      if causal:
+        wg_tiles = jnp.minimum(cdiv(q_base + block_q, block_kv), num_kv_tiles)
+        plain_tiles = jnp.minimum(lax.div(q_base, i32(block_kv)),
+                                  num_kv_tiles - 1 if kv_tail else num_kv_tiles)
+      else:
+        wg_tiles = num_kv_tiles
+        plain_tiles = num_kv_tiles - 1 if kv_tail else num_kv_tiles
+
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
+      l_i = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
+      acc = common.zeros_acc((block_q, dv))
+      plgpu.barrier_wait(q_loaded.at[wg])
+
+      @pl.when(wg_tiles > 0)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[0])
+
+      pl.when(wg == 1)(schedule_sync)  # offset warpgroup 1 by half a step
+
+      def kv_step(t, carry, *, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(t, i32(stages))
+
+        # S = Q_rep K_fused^T  ([block_q, block_kv], contracted over r)
+        def qk(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].T)
+          schedule_sync()
+          return s_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+
+        if masked:  # diagonal tile (causal) and/or the tile holding padding keys
+          rows = q_base + common.iota(s.shape, 0)
+          cols = t * block_kv + common.iota(s.shape, 1)
+          valid = None
+          if causal:
+            valid = cols <= rows
+          if kv_tail:
+            in_len = cols < kv_len
+            valid = in_len if valid is None else jnp.logical_and(valid, in_len)
+          s = jnp.where(valid, s, MASKED)
+
+        # Online softmax in base 2 (log2(e) folded into one FMA per score).
+        m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * LOG2E - common.row_bcast(m_new, s.shape))
+        acc *= common.row_bcast(alpha, acc.shape)
+        l_i *= alpha
+        p_lo = p.astype(dtype)
+
+        def softmax_done():
+          plgpu.barrier_arrive(schedule)
+          plgpu.barrier_wait(v_loaded.at[slot])
+          plgpu.barrier_wait(schedule)  # the other warpgroup has issued its QK
+        if dv <= 128:
+          l_i += p.sum(axis=1)
+          acc, l_i, m_new, p_lo = lax.optimization_barrier((acc, l_i, m_new, p_lo))
+          softmax_done()
+        else:
+          softmax_done()
+          l_i += p.sum(axis=1)
+
+        # O += P V  ([block_q, dv], contracted over block_kv)
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_lo, v_smems.at[slot])
+          nxt = t + 1
+
+          @pl.when(nxt < wg_tiles)
+          def _():
+            plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, i32(stages))])
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False), carry)
+      if causal or kv_tail:
+        carry = lax.cond(
+            plain_tiles < wg_tiles,
+            lambda: lax.fori_loop(plain_tiles, wg_tiles,
+                                  lambda t, c: kv_step(t, c, masked=True), carry),
+            lambda: carry)
+      acc, m_i, l_i = carry
+
+      if causal:
+        # Tiles streamed for the other warpgroup only: wait for each (so the mbarrier
+        # phases stay paced) and free it; keep the ping-pong schedule in step.
+        def release(t, _):
+          slot = lax.rem(t, i32(stages))
+          plgpu.barrier_wait(k_loaded.at[slot])
+          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_wait(v_loaded.at[slot])
+          plgpu.barrier_arrive(v_free.at[slot])
+          schedule_sync()
+          schedule_sync()
+        lax.fori_loop(wg_tiles, cta_tiles, release, None)
+      pl.when(wg == 0)(schedule_sync)
+
+      # Epilogue: O / l and lse = ln(sum exp(s)) = ln2 * (m + log2 l).
+      acc = acc * common.row_bcast(1.0 / l_i, acc.shape)
+      o_smem[...] = acc.astype(dtype)
+      lse_smem[...] = m_i * LN2 + jnp.log(l_i)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(q_base, block_q), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, block_q)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      k_head = lax.div(hi, i32(q_per_k))  # GQA: index the shared head, no copies
+      v_head = lax.div(hi, i32(q_per_v))
+
+      def load(t, slot):
+        keys = pl.ds(t * block_kv, block_kv)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
+                                k_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
+                                v_loaded.at[slot])
+
+      for s in range(stages):
+        pl.when(s < cta_tiles)(lambda s=s: load(s, s))
+
+      @pl.loop(0, cta_tiles - stages)
+      def _(t):
+        slot = lax.rem(t, i32(stages))
+        keys = pl.ds((t + stages) * block_kv, block_kv)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
+                                k_loaded.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
+                                v_loaded.at[slot])
+
+  def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+    smem = (
+        plgpu.SMEM((wgs, block_q, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((wgs, block_q, dv), dtype, transforms=common.smem_transforms(dv, dtype)),
+        plgpu.SMEM((wgs, block_q), jnp.float32),
+        plgpu.SMEM((stages, block_kv, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((stages, block_kv, dv), dtype,
+                   transforms=common.smem_transforms(dv, dtype)),
+    )
+    loaded = (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=stages))
+    free = (plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+    pl.run_scoped(
+        lambda *scoped: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *scoped),
+        smem, loaded, free, plgpu.Barrier(num_arrivals=wgs), collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct((batch, q_len, heads, dv), dtype),
+              jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
+  return plgpu.kernel(
+      entry,
+      out_type=out_type,
+      grid=(heads, q_len // cta_rows, batch),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v)

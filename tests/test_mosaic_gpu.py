@@ -1,0 +1,140 @@
+"""Our Mosaic GPU (Hopper) attention kernels: GPU parity against a float32 reference, and
+lowering for CUDA on a CPU (abstract H100).
+
+Run the GPU part on an H100/H200:  PYTHONPATH=. python -m pytest -q -m gpu tests/test_mosaic_gpu.py
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mosaic_gpu import attention as mosaic
+from pallas_kernels.mosaic_gpu import tiles as mosaic_tiles
+from tests.gpu_parity import rel_error, requires_gpu
+
+
+def reference(q, k, v, causal):
+  """float32 softmax(q k^T) v with GQA by head index (q already scaled); also the lse."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  heads, k_heads, v_heads = q.shape[2], k.shape[2], v.shape[2]
+  k = jnp.repeat(k, heads // k_heads, axis=2)
+  v = jnp.repeat(v, heads // v_heads, axis=2)
+  s = jnp.einsum("bqhc,bkhc->bhqk", q, k, precision="highest")
+  if causal:
+    rows = jnp.arange(q.shape[1])[:, None]
+    cols = jnp.arange(k.shape[1])[None, :]
+    s = jnp.where(cols <= rows, s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - lse[..., None])
+  return jnp.einsum("bhqk,bkhc->bqhc", p, v, precision="highest"), lse
+
+
+def _inputs(seed, q_len, kv_len, heads, k_heads, v_heads, r, dv, dtype):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  # Scale folded in (as the caller does); 2/sqrt(r) makes the softmax peaked enough
+  # to catch row-max bookkeeping errors.
+  q = (jax.random.normal(ks[0], (1, q_len, heads, r), jnp.float32) * 2 * r ** -0.5).astype(dtype)
+  k = jax.random.normal(ks[1], (1, kv_len, k_heads, r), dtype)
+  v = jax.random.normal(ks[2], (1, kv_len, v_heads, dv), dtype)
+  d_out = jax.random.normal(ks[3], (1, q_len, heads, dv), dtype)
+  return q, k, v, d_out
+
+
+# (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len)
+CASES = [
+    (128, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000),
+    (128, 128, True, jnp.bfloat16, 4, 2, 2, 1000, 1000),
+    (64, 128, False, jnp.float16, 4, 4, 2, 1000, 777),
+    (64, 128, True, jnp.bfloat16, 4, 4, 2, 777, 1000),
+    (32, 128, False, jnp.bfloat16, 4, 2, 2, 4096, 4096),
+    (32, 128, True, jnp.bfloat16, 4, 4, 2, 4096, 4096),
+    (16, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000),
+    (16, 128, True, jnp.float16, 4, 2, 2, 1000, 900),
+    (64, 256, False, jnp.bfloat16, 4, 2, 2, 4096, 4096),
+    (64, 256, True, jnp.bfloat16, 4, 4, 2, 1000, 1000),
+    (32, 256, False, jnp.float16, 4, 4, 4, 1000, 1000),
+    (32, 256, True, jnp.bfloat16, 4, 2, 2, 4096, 4096),
+    (64, 64, True, jnp.bfloat16, 4, 4, 4, 1000, 1000),
+    (32, 128, True, jnp.bfloat16, 2, 2, 2, 16384, 16384),
+]
+
+
+def _check(got, want, what, tol):
+  err = rel_error(got, want)  # also fails on any non-finite value
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  worst = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+  assert err < tol and worst < 10 * tol, f"{what}: rel L2 {err:.2e}, worst {worst:.2e}"
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len", CASES)
+def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len):
+  q, k, v, d_out = _inputs(r + dv + q_len + kv_len + causal, q_len, kv_len, heads,
+                           k_heads, v_heads, r, dv, dtype)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
+  out, lse = mosaic.forward(q, k, v, causal=causal)
+  out_ref, lse_ref = reference(q, k, v, causal)
+  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
+  _check(out, out_ref, "out", tol)
+  _check(lse, lse_ref, "lse", 1e-3)
+
+  out2, vjp = jax.vjp(lambda q, k, v: mosaic.attention(q, k, v, causal=causal), q, k, v)
+  grads = vjp(d_out)
+  _, vjp_ref = jax.vjp(lambda q, k, v: reference(q, k, v, causal)[0], q, k, v)
+  grads_ref = vjp_ref(d_out.astype(jnp.float32))
+  _check(out2, out_ref, "out (vjp)", tol)
+  for name, g, g_ref, x in zip(("dq", "dk", "dv"), grads, grads_ref, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    _check(g, g_ref, name, 2 * tol)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_kv_len_ignores_keys_past_it():
+  q, k, v, d_out = _inputs(7, 300, 500, 2, 2, 2, 64, 128, jnp.bfloat16)
+  out, vjp = jax.vjp(lambda q, k, v: mosaic.attention(q, k, v, kv_len=321), q, k, v)
+  out_ref, vjp_ref = jax.vjp(lambda q, k, v: reference(q, k[:, :321], v[:, :321], False)[0],
+                             q, k, v)
+  _check(out, out_ref, "out", 1e-2)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), vjp(d_out), vjp_ref(d_out.astype(jnp.float32))):
+    _check(g, g_ref, name, 2e-2)
+
+
+def test_tiles_are_validated():
+  with pytest.raises(ValueError):
+    mosaic_tiles.Tiles(block_kv=96)
+  with pytest.raises(ValueError):
+    mosaic_tiles.Tiles(stages=1)
+
+
+# --- CPU: Mosaic GPU kernels lower for CUDA on an abstract H100 (no GPU needed) --------
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="cuda")
+
+# Every (r, dv) the tile table is used for (d=64/128/256 at G=1/2/4/8).
+SHIPPED = [(128, 128), (64, 128), (32, 128), (16, 128), (64, 64), (32, 64), (16, 64),
+           (128, 256), (64, 256), (32, 256)]
+
+
+@pytest.mark.parametrize("r,dv", SHIPPED)
+def test_lowers_for_cuda_on_cpu(r, dv):
+  causal = (r + dv) % 3 == 0  # alternate causal on/off across the table
+  args = (jax.ShapeDtypeStruct((1, 1000, 4, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, dv), jnp.bfloat16))
+
+  def loss(q, k, v):
+    return jnp.sum(mosaic.attention(q, k, v, causal=causal).astype(jnp.float32))
+
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
+    warnings.simplefilter("ignore")
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+  # Forward, dQ and dK/dV kernels.
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
