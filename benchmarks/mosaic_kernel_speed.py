@@ -31,11 +31,14 @@ def _groups():
       "cudnn": [("cudnn d=128", 128, 0, None), ("cudnn d=256", 256, 0, None)],
       "d128": ours(128, (1, 2, 4, 8)),
       "d256": ours(256, (2, 4, 8)),
+      # Backward variants (timed forward+backward only).
       "variants": [
-          ("d=128 G=4 block_kv=64", 128, 4, {"block_kv": 64}),
-          ("d=128 G=4 bwd 1 wg", 128, 4, {"compute_wgs_bwd": 1}),
-          ("d=128 G=4 bwd kv_dq=128 q_dkv=128", 128, 4,
-           {"block_kv_dq": 128, "block_q_dkv": 128}),
+          ("d=128 G=1 fused bwd", 128, 1, {"fused_bwd": True}),
+          ("d=128 G=4 split bwd", 128, 4, {"fused_bwd": False}),
+          ("d=256 G=4 split bwd", 256, 4, {"fused_bwd": False}),
+          ("d=128 G=4 fused block_q_dkv=128", 128, 4, {"block_q_dkv": 128}),
+          ("d=128 G=8 fused block_q_dkv=64", 128, 8, {"block_q_dkv": 64, "block_kv_dq": 64}),
+          ("d=128 G=4 fused stages_bwd=3", 128, 4, {"stages_bwd": 3}),
       ],
   }
 
@@ -85,7 +88,7 @@ def run_group(name, modes, out_path):
           "fwd": jax.jit(attn),
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
-      for mode in modes:
+      for mode in (["fwd+bwd"] if name == "variants" else modes):
         args = (q, k, v) if mode == "fwd" else (q, k, v, do)
         row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,
                    tiles=None if tiles is None else dataclasses.asdict(tiles))

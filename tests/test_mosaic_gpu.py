@@ -4,6 +4,8 @@ lowering for CUDA on a CPU (abstract H100).
 Run the GPU part on an H100/H200:  PYTHONPATH=. python -m pytest -q -m gpu tests/test_mosaic_gpu.py
 """
 
+import dataclasses
+import functools
 import warnings
 
 import jax
@@ -43,23 +45,39 @@ def _inputs(seed, q_len, kv_len, heads, k_heads, v_heads, r, dv, dtype):
   return q, k, v, d_out
 
 
-# (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len)
+# (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len, backward):
+# backward "table" = the tile table's choice, "fused" / "split" = forced one-kernel
+# (dQ by float32 reduce-add) / two-kernel backward.
 CASES = [
-    (128, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000),
-    (128, 128, True, jnp.bfloat16, 4, 2, 2, 1000, 1000),
-    (64, 128, False, jnp.float16, 4, 4, 2, 1000, 777),
-    (64, 128, True, jnp.bfloat16, 4, 4, 2, 777, 1000),
-    (32, 128, False, jnp.bfloat16, 4, 2, 2, 4096, 4096),
-    (32, 128, True, jnp.bfloat16, 4, 4, 2, 4096, 4096),
-    (16, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000),
-    (16, 128, True, jnp.float16, 4, 2, 2, 1000, 900),
-    (64, 256, False, jnp.bfloat16, 4, 2, 2, 4096, 4096),
-    (64, 256, True, jnp.bfloat16, 4, 4, 2, 1000, 1000),
-    (32, 256, False, jnp.float16, 4, 4, 4, 1000, 1000),
-    (32, 256, True, jnp.bfloat16, 4, 2, 2, 4096, 4096),
-    (64, 64, True, jnp.bfloat16, 4, 4, 4, 1000, 1000),
-    (32, 128, True, jnp.bfloat16, 2, 2, 2, 16384, 16384),
+    (128, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000, "table"),
+    (128, 128, True, jnp.bfloat16, 4, 2, 2, 1000, 1000, "fused"),
+    (64, 128, False, jnp.float16, 4, 4, 2, 1000, 777, "table"),
+    (64, 128, True, jnp.bfloat16, 4, 4, 2, 777, 1000, "split"),
+    (32, 128, True, jnp.bfloat16, 4, 4, 2, 4096, 4096, "table"),
+    (32, 128, False, jnp.bfloat16, 4, 2, 2, 1000, 1000, "split"),
+    (16, 128, True, jnp.float16, 4, 2, 2, 1000, 900, "table"),
+    (64, 256, False, jnp.bfloat16, 4, 2, 2, 4096, 4096, "table"),
+    (32, 256, True, jnp.bfloat16, 4, 4, 2, 777, 1000, "table"),
+    (128, 256, True, jnp.bfloat16, 2, 2, 2, 1000, 1000, "table"),
+    (64, 64, True, jnp.bfloat16, 4, 4, 4, 1000, 1000, "table"),
+    (32, 128, True, jnp.bfloat16, 2, 2, 2, 16384, 16384, "table"),
 ]
+
+
+_reference_jit = jax.jit(reference, static_argnames=("causal",))
+
+
+@functools.partial(jax.jit, static_argnames=("causal",))
+def _reference_grads(q, k, v, d_out, causal):
+  _, vjp = jax.vjp(lambda q, k, v: reference(q, k, v, causal)[0], q, k, v)
+  return vjp(d_out.astype(jnp.float32))
+
+
+def _tiles(r, dv, dtype, backward):
+  tiles = mosaic_tiles.pick_tiles(r, dv, dtype)
+  if backward == "table":
+    return tiles
+  return dataclasses.replace(tiles, fused_bwd=backward == "fused")
 
 
 def _check(got, want, what, tol):
@@ -71,21 +89,23 @@ def _check(got, want, what, tol):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len", CASES)
-def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len):
+@pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len,backward", CASES)
+def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len,
+                               backward):
   q, k, v, d_out = _inputs(r + dv + q_len + kv_len + causal, q_len, kv_len, heads,
                            k_heads, v_heads, r, dv, dtype)
+  tiles = _tiles(r, dv, dtype, backward)
   tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
-  out, lse = mosaic.forward(q, k, v, causal=causal)
-  out_ref, lse_ref = reference(q, k, v, causal)
+  out, lse = mosaic.forward(q, k, v, causal=causal, tiles=tiles)
+  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
   assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
   _check(out, out_ref, "out", tol)
   _check(lse, lse_ref, "lse", 1e-3)
 
-  out2, vjp = jax.vjp(lambda q, k, v: mosaic.attention(q, k, v, causal=causal), q, k, v)
+  out2, vjp = jax.vjp(lambda q, k, v: mosaic.attention(q, k, v, causal=causal, tiles=tiles),
+                      q, k, v)
   grads = vjp(d_out)
-  _, vjp_ref = jax.vjp(lambda q, k, v: reference(q, k, v, causal)[0], q, k, v)
-  grads_ref = vjp_ref(d_out.astype(jnp.float32))
+  grads_ref = _reference_grads(q, k, v, d_out, causal=causal)
   _check(out2, out_ref, "out (vjp)", tol)
   for name, g, g_ref, x in zip(("dq", "dk", "dv"), grads, grads_ref, (q, k, v)):
     assert g.shape == x.shape and g.dtype == x.dtype, name
@@ -136,5 +156,6 @@ def test_lowers_for_cuda_on_cpu(r, dv):
     warnings.simplefilter("ignore")
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-  # Forward, dQ and dK/dV kernels.
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
+  # Forward, then dQ and dK/dV kernels, or one fused backward kernel.
+  fused = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16).fused_bwd
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if fused else 3)

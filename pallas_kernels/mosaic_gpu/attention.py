@@ -78,9 +78,16 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, kv_len: int | None = Non
   deltap = _pad_axis(delta, 2, tiles.q_multiple)
   kp = _pad_axis(k[:, :keys], 1, tiles.kv_multiple)
   vp = _pad_axis(v[:, :keys], 1, tiles.kv_multiple)
-  dq = dq_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys, tiles=tiles)
-  dk, dvv = dkv_call(qp, kp, vp, dop, lsep, deltap, causal=causal, tiles=tiles)
-  dq = dq[:, :q_len]
+  if tiles.fused_bwd:
+    dq_acc = jax.new_ref(jnp.zeros((batch, qp.shape[1], heads, r), jnp.float32))
+    dk, dvv = dkv_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys,
+                       tiles=tiles, dq_acc=dq_acc)
+    dq = dq_acc[...][:, :q_len].astype(q.dtype)
+  else:
+    dq = dq_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys, tiles=tiles)
+    dk, dvv = dkv_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys,
+                       tiles=tiles)
+    dq = dq[:, :q_len]
   dk, dvv = dk[:, :keys], dvv[:, :keys]
   if heads != k_heads:  # GQA: sum over the query heads of each k head (float32)
     dk = dk.reshape(batch, keys, k_heads, heads // k_heads, r)

@@ -51,6 +51,8 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
     bi = lax.axis_index("batch")
     hi = lax.axis_index("heads")
     qi = lax.axis_index("q_tiles")
+    if causal:  # launch the longest rows (last query tiles) first: less tail at the end
+      qi = (q_len // cta_rows - 1) - qi
     wg = lax.axis_index("wg")
     if causal:
       cta_tiles = jnp.minimum(cdiv((qi + 1) * cta_rows, block_kv), num_kv_tiles)
@@ -183,8 +185,19 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
   )(q, k, v, do, lse, delta)
 
 
-def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
-  """dK [B, Tk, H, r] and dV [B, Tk, H, dv] per query head."""
+def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
+             dq_acc=None):
+  """dK [B, Tk, H, r] and dV [B, Tk, H, dv] per query head.
+
+  With `dq_acc` (a float32 Ref [B, Tq, H, r] holding zeros) the kernel also computes dQ
+  (FlashAttention-3's fused backward): each step stores dS^T to shared memory, forms
+  the partial dQ = dS K for its query tile and adds it into `dq_acc` with a TMA
+  reduce-add, so S and dP are computed once instead of twice.
+  """
+  fuse_dq = dq_acc is not None
+  # Keys past kv_len are zero padding: their dK/dV rows are sliced off, but with a fused
+  # dQ their P must be 0 (exp(-lse) can overflow), so mask them then.
+  kv_tail = fuse_dq and kv_len < k.shape[1]
   batch, q_len, heads, r = q.shape
   _, kv_len_padded, k_heads, _ = k.shape
   v_heads, dv = v.shape[2], v.shape[3]
@@ -196,9 +209,15 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
   cta_keys = wgs * block_kv
   consumer_regs, producer_regs = _regs(wgs)
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
-             kv_loaded, q_loaded, q_free):
-    k_smems, v_smems, q_smems, do_smems, lse_smems, delta_smems = smem
+  def kernel(*refs):
+    if fuse_dq:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, smem,
+       kv_loaded, q_loaded, q_free) = refs
+      k_smems, v_smems, q_smems, do_smems, lse_smems, delta_smems, ds_smems, dq_smems = smem
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
+       kv_loaded, q_loaded, q_free) = refs
+      k_smems, v_smems, q_smems, do_smems, lse_smems, delta_smems = smem
     bi = lax.axis_index("batch")
     hi = lax.axis_index("heads")
     ki = lax.axis_index("kv_tiles")
@@ -247,10 +266,14 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
         s_t = pl.run_scoped(scores, plgpu.ACC((block_kv, block_q), jnp.float32))
         lse2 = plgpu.load(lse_smems.at[slot], layout=WGMMA_COL) * LOG2E
         p_t = jnp.exp2(s_t * LOG2E - common.col_bcast(lse2, s_t.shape))
-        if masked:  # key j sees query i iff j <= i
+        if masked or kv_tail:
           key_j = kv_base + common.iota(s_t.shape, 0)
-          query_i = i * block_q + common.iota(s_t.shape, 1)
-          p_t = jnp.where(key_j <= query_i, p_t, 0.0)
+          valid = key_j < kv_len if kv_tail else None
+          if masked:  # key j sees query i iff j <= i
+            query_i = i * block_q + common.iota(s_t.shape, 1)
+            causal_ok = key_j <= query_i
+            valid = causal_ok if valid is None else jnp.logical_and(valid, causal_ok)
+          p_t = jnp.where(valid, p_t, 0.0)
 
         def dv_and_dp(refs):  # dV += P^T dO ; dP^T = V dO^T (one wgmma group)
           dv_ref, dp_ref = refs
@@ -261,10 +284,28 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
         delta = plgpu.load(delta_smems.at[slot], layout=WGMMA_COL)
         ds_t = p_t * (dp_t - common.col_bcast(delta, dp_t.shape))
 
+        ds_lo = ds_t.astype(dtype)
+        if fuse_dq:
+          ds_smem = ds_smems.at[wg]
+          ds_smem[...] = ds_lo
+          plgpu.commit_smem()  # make the stores visible to the wgmma below
+
         def dk_update(acc_ref):  # dK += dS^T Q_rep
-          plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem)
+          plgpu.wgmma(acc_ref, ds_lo, q_smem)
         dk = pl.run_state(dk_update)(plgpu.ACC.init(dk))
         plgpu.barrier_arrive(q_free.at[slot])
+
+        if fuse_dq:
+          def dq_part(acc_ref):  # partial dQ = dS K  [block_q, r]
+            plgpu.wgmma(acc_ref, ds_smem.T, k_smem)
+            return acc_ref[...]
+          part = pl.run_scoped(dq_part, plgpu.ACC((block_q, r), jnp.float32))
+          dq_smem = dq_smems.at[wg]
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last reduce has read it
+          dq_smem[...] = part
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(i * block_q, block_q), hi],
+                                  reduction_op="add")
         return dk, dv_acc
 
       carry = (dk, dv_acc)
@@ -283,7 +324,7 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, keys, hi], commit_group=False)
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, keys, hi], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == wgs)
     def _producer():
@@ -319,6 +360,13 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
         plgpu.SMEM((stages, block_q), jnp.float32),
         plgpu.SMEM((stages, block_q), jnp.float32),
     )
+    if fuse_dq:
+      smem += (
+          # dS^T is the transposed A operand of dQ = dS K: its swizzle must match K's.
+          plgpu.SMEM((wgs, block_kv, block_q), dtype,
+                     transforms=common.smem_transforms(r, dtype)),
+          plgpu.SMEM((wgs, block_q, r), jnp.float32),
+      )
     pl.run_scoped(
         lambda *scoped: kernel(*refs, *scoped),
         smem,
@@ -337,4 +385,4 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, tiles: Tiles):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *([dq_acc] if fuse_dq else []))

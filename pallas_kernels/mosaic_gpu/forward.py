@@ -46,6 +46,8 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
     bi = lax.axis_index("batch")
     hi = lax.axis_index("heads")
     qi = lax.axis_index("q_tiles")
+    if causal:  # launch the longest rows (last query tiles) first: less tail at the end
+      qi = (q_len // cta_rows - 1) - qi
     wg = lax.axis_index("wg")
 
     # kv tiles this CTA streams: causal stops at the diagonal of its last query row.

@@ -29,6 +29,8 @@ class Tiles:
   block_kv_dkv: int = 64
   compute_wgs_bwd: int = 2
   stages_bwd: int = 2
+  # Backward as one kernel (dK/dV + dQ by float32 TMA reduce-add) instead of two.
+  fused_bwd: bool = False
 
   def __post_init__(self):
     # wgmma works on 64-row warpgroup tiles; the key tiles are wgmma N/K dims.
@@ -60,6 +62,14 @@ class Tiles:
     kv = self.stages * self.block_kv * (r + dv) * itemsize
     return q_o + kv + self.compute_wgs * self.block_q * 4
 
+  def dkv_smem_bytes(self, r: int, dv: int, itemsize: int) -> int:
+    own = self.compute_wgs_bwd * self.block_kv_dkv * (r + dv) * itemsize
+    streamed = self.stages_bwd * self.block_q_dkv * ((r + dv) * itemsize + 8)
+    fused = 0
+    if self.fused_bwd:  # dS^T tile and float32 partial dQ per warpgroup
+      fused = self.compute_wgs_bwd * self.block_q_dkv * (self.block_kv_dkv * itemsize + r * 4)
+    return own + streamed + fused
+
 
 def pick_tiles(r: int, dv: int, dtype) -> Tiles:
   """Tiles per (r, dv, dtype).
@@ -80,4 +90,7 @@ def pick_tiles(r: int, dv: int, dtype) -> Tiles:
   itemsize = jnp.dtype(jnp.bfloat16).itemsize
   if tiles.forward_smem_bytes(r, dv, itemsize) > SMEM_BYTES - 8192:
     tiles = dataclasses.replace(tiles, block_kv=64)
+  fused = dataclasses.replace(tiles, fused_bwd=True)
+  if r < dv and fused.dkv_smem_bytes(r, dv, itemsize) <= SMEM_BYTES - 8192:
+    tiles = fused
   return tiles
