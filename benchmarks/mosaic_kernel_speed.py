@@ -40,6 +40,11 @@ def _groups():
           ("d=128 G=8 fused block_q_dkv=64", 128, 8, {"block_q_dkv": 64, "block_kv_dq": 64}),
           ("d=128 G=4 fused stages_bwd=3", 128, 4, {"stages_bwd": 3}),
       ],
+      # Forward variants (timed forward only).
+      "fwd_variants": [
+          ("d=256 G=4 stages=3", 256, 4, {"stages": 3}),
+          ("d=128 G=4 stages=3", 128, 4, {"stages": 3}),
+      ],
   }
 
 
@@ -88,7 +93,8 @@ def run_group(name, modes, out_path):
           "fwd": jax.jit(attn),
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
-      for mode in (["fwd+bwd"] if name == "variants" else modes):
+      group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"]}.get(name, modes)
+      for mode in group_modes:
         args = (q, k, v) if mode == "fwd" else (q, k, v, do)
         row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,
                    tiles=None if tiles is None else dataclasses.asdict(tiles))
