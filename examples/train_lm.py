@@ -60,6 +60,14 @@ from flax import serialization
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm as lm_lib  # noqa: E402
 
+_START = time.perf_counter()
+
+
+def log(message):
+  """print, stamped with the seconds since the program started."""
+  print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+
+
 DEFAULT_GRID = ("g2-greedy-b64,g4-greedy-b64,g8-greedy-b64,"
                 "g2-lsh-b64,g2-lowrank-b64,"
                 "g2-greedy-b1024,g2-lsh-b1024,g2-lowrank-b1024,"
@@ -197,26 +205,50 @@ def make_model(args, attention=None):
   return lm_lib.LM(cfg, attention=attention)
 
 
+_COMPILED = {}  # (kind, model) -> jitted function, shared by every run in this process
+
+
 def nll_fn(model):
   """jit(params, tokens [B, T+1]) -> (nll [B, T] float32, logits [B, T, 256])."""
-  @jax.jit
-  def run(params, tokens):
-    logits = model.apply(params, tokens[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return nll, logits
-  return run
+  if ("nll", model) not in _COMPILED:
+    def run(params, tokens):
+      logits = model.apply(params, tokens[:, :-1])
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+      return nll, logits
+    _COMPILED["nll", model] = jax.jit(run)
+  return _COMPILED["nll", model]
+
+
+# AdamW as optax.adamw builds it, with the learning rate an argument of the step, so one
+# compiled step serves every run (training, fine-tuning, resuming) of the same model.
+OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.95),
+                        optax.add_decayed_weights(0.1))
+
+
+def train_step_fn(model):
+  """jit(params, opt_state, tokens, lr) -> (params, opt_state, loss)."""
+  if ("train", model) not in _COMPILED:
+    def loss_fn(params, tokens):
+      logits = model.apply(params, tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    def step(params, opt_state, tokens, lr):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+      updates = jax.tree.map(lambda u: -lr * u, updates)
+      return optax.apply_updates(params, updates), opt_state, loss
+    _COMPILED["train", model] = jax.jit(step)
+  return _COMPILED["train", model]
 
 
 class Evaluator:
   """Held-out NLL per (attention, context), compiled once per pair."""
 
   def __init__(self, args, heldout):
-    self.args, self.heldout, self._fns, self._windows = args, heldout, {}, {}
+    self.args, self.heldout, self._windows = args, heldout, {}
 
   def fn(self, attention):
-    if attention not in self._fns:
-      self._fns[attention] = nll_fn(make_model(self.args, attention))
-    return self._fns[attention]
+    return nll_fn(make_model(self.args, attention))
 
   def batch_size(self, context):
     return max(1, self.args.eval_batch_tokens // context)
@@ -254,9 +286,7 @@ class Evaluator:
     tail = slice(position + 1, None)
     changed[tail] = (base[tail] + rng.integers(1, 256, base[tail].shape)) % 256
     tokens = np.stack([base, changed] + [base] * (bs - 2))
-    run = nll_fn(make_model(self.args, attention)) if bs != self.batch_size(context) \
-        else self.fn(attention)
-    _, logits = run(params, jnp.asarray(tokens))
+    _, logits = self.fn(attention)(params, jnp.asarray(tokens))
     logits = np.asarray(logits[:2, :position + 1], np.float64)
     return float(np.max(np.abs(logits[0] - logits[1])))
 
@@ -290,7 +320,7 @@ def is_oom(e: Exception) -> bool:
 # ----------------------------------------------------------------------------- training
 
 def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
-          init_params=None, phases=None, log=print):
+          init_params=None, phases=None):
   """Trains one model (resumable); returns (params, history).
 
   `phases`: list of (first_step, context, batch) in step order. Checkpoint:
@@ -300,12 +330,11 @@ def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
   phases = phases or [(0, args.context, args.batch_size)]
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(2, steps),
                                                 end_value=lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, b2=0.95, weight_decay=0.1))
+  train_step = train_step_fn(model)
   params = init_params
   if params is None:
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, 16), jnp.int32))
-  state = {"params": params, "opt_state": tx.init(params), "step": 0,
+  state = {"params": params, "opt_state": OPTIMIZER.init(params), "step": 0,
            "history": json.dumps({"step": [], "train_loss": [], "eval_step": [],
                                   "eval_loss": [], "step_time_s": {}})}
   ckpt = os.path.join(args.out_dir, f"checkpoint-{name}.msgpack")
@@ -322,16 +351,6 @@ def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
     with open(ckpt + ".tmp", "wb") as f:
       f.write(serialization.to_bytes(state))
     os.replace(ckpt + ".tmp", ckpt)
-
-  def loss_fn(params, tokens):
-    logits = model.apply(params, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  @jax.jit
-  def train_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
 
   try:
     from tqdm import tqdm
@@ -350,7 +369,8 @@ def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
       seen_contexts.add(context)
       interval_clean = False
     tokens = jnp.asarray(sample_batch(train_stream, batch, context, args.seed, step))
-    params, opt_state, loss = train_step(params, opt_state, tokens)
+    params, opt_state, loss = train_step(params, opt_state, tokens,
+                                         jnp.float32(schedule(step)))
     pending.append(loss)
     step += 1
     interval_steps += 1
@@ -398,7 +418,7 @@ def training_phases(args):
 
 # ----------------------------------------------------------------------------- compare
 
-def compare(args, params, train_stream, evaluator, settings, log=print):
+def compare(args, params, train_stream, evaluator, settings):
   contexts = [int(c) for c in args.contexts.split(",")]
   rows = []
   exact_ppl = {}
@@ -479,7 +499,7 @@ def compare(args, params, train_stream, evaluator, settings, log=print):
           args, f"finetune-{name}", options_for(setting, ft_context), train_stream,
           evaluator, steps=args.finetune_steps, lr=args.finetune_lr,
           warmup=max(1, args.finetune_steps // 10), init_params=params,
-          phases=[(0, ft_context, ft_batch)], log=log)
+          phases=[(0, ft_context, ft_batch)])
       row = evaluate_row(f"{name} (fine-tuned)", name, setting, ft_params, finetuned=True)
       row["finetune"] = {"steps": args.finetune_steps, "context": ft_context,
                          "time_s": time.perf_counter() - start, "history": ft_history}
@@ -647,9 +667,9 @@ def main(argv=None):
   os.makedirs(args.out_dir, exist_ok=True)
   start = time.perf_counter()
   train_stream, heldout, data_info = load_data(args.heldout_percent)
-  print(f"data: {data_info['train']['files']} train files ({data_info['train']['bytes']:,} "
+  log(f"data: {data_info['train']['files']} train files ({data_info['train']['bytes']:,} "
         f"bytes), {data_info['heldout']['files']} held out "
-        f"({data_info['heldout']['bytes']:,} bytes) from {data_info['root']}", flush=True)
+        f"({data_info['heldout']['bytes']:,} bytes) from {data_info['root']}")
   evaluator = Evaluator(args, heldout)
   train_name = "exact" if args.compare else args.attention
   train_setting = parse_setting(train_name, args.implementation)
@@ -660,6 +680,9 @@ def main(argv=None):
                           train_stream, evaluator, steps=args.steps, lr=args.lr,
                           warmup=args.warmup, phases=phases)
   timings["train_s"] = time.perf_counter() - start
+  timings["train_step_s_median"] = {c: float(np.median(v))
+                                    for c, v in history["step_time_s"].items()}
+  log(f"[{train_name}] median step time per context: {timings['train_step_s_median']}")
   n_params = sum(x.size for x in jax.tree.leaves(params))
   runs = [(train_name, history)]
   summary = {
@@ -673,8 +696,8 @@ def main(argv=None):
                 "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None},
   }
   if history["eval_loss"]:
-    print(f"[{train_name}] final held-out loss {history['eval_loss'][-1]:.4f} nats/byte "
-          f"= {history['eval_loss'][-1] / math.log(2):.3f} bits/byte", flush=True)
+    log(f"[{train_name}] final held-out loss {history['eval_loss'][-1]:.4f} nats/byte "
+          f"= {history['eval_loss'][-1] / math.log(2):.3f} bits/byte")
 
   if args.compare:
     settings, skipped = [], {}
@@ -689,7 +712,7 @@ def main(argv=None):
         continue
       settings.append((name, setting))
     for name, reason in skipped.items():
-      print(f"skipped {name}: the library refused grouping: {reason}")
+      log(f"skipped {name}: the library refused grouping: {reason}")
     t0 = time.perf_counter()
     rows, contexts = compare(args, params, train_stream, evaluator, settings)
     timings["compare_s"] = time.perf_counter() - t0
@@ -719,7 +742,7 @@ def main(argv=None):
   with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   plot_curves(os.path.join(args.out_dir, "curves.png"), runs)
-  print(f"wrote {args.out_dir}/summary.json ({timings['total_s']:.0f} s)", flush=True)
+  log(f"wrote {args.out_dir}/summary.json ({timings['total_s']:.0f} s)")
   return summary
 
 
