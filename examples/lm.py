@@ -36,6 +36,7 @@ class LMConfig:
   mlp_ratio: int = 4
   rope_base: float = 10000.0
   dtype: str = "bfloat16"  # compute dtype of the matmuls and attention; parameters are float32
+  exact_implementation: str = "auto"  # jax.nn's for exact attention: auto, cudnn or xla
 
   @property
   def width(self) -> int:
@@ -59,11 +60,15 @@ def attention_options(*, group_size: int, block_q: int, grouping: str,
   return tuple(sorted(options.items()))
 
 
-def causal_attention(query, key, value, attention: tuple | None):
-  """Causal self-attention, BTNH in and out. `attention` None is exact attention."""
+def causal_attention(query, key, value, attention: tuple | None,
+                     exact_implementation: str = "auto"):
+  """Causal self-attention, BTNH in and out. `attention` None is exact attention
+  (`jax.nn.dot_product_attention`; "auto": cuDNN on a GPU for bf16/f16, else XLA)."""
   if attention is None:
-    gpu_dtype = query.dtype in (jnp.bfloat16, jnp.float16)
-    implementation = "cudnn" if jax.default_backend() == "gpu" and gpu_dtype else None
+    implementation = exact_implementation
+    if implementation == "auto":
+      gpu_dtype = query.dtype in (jnp.bfloat16, jnp.float16)
+      implementation = "cudnn" if jax.default_backend() == "gpu" and gpu_dtype else "xla"
     return jax.nn.dot_product_attention(query, key, value, is_causal=True,
                                         implementation=implementation)
   return distrattention_jax.distr_attention(query, key, value, is_causal=True,
@@ -102,7 +107,7 @@ class Block(nn.Module):
                           name="qkv")(y)                       # [B, T, 3, H, d]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    o = causal_attention(q, k, v, self.attention)
+    o = causal_attention(q, k, v, self.attention, cfg.exact_implementation)
     x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, dtype=dtype,
                             kernel_init=nn.initializers.normal(0.02 / cfg.num_layers ** 0.5),
                             name="out")(o)
