@@ -327,7 +327,7 @@ def is_oom(e: Exception) -> bool:
 # ----------------------------------------------------------------------------- training
 
 def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
-          init_params=None, phases=None):
+          init_params=None, phases=None, eval_every=None):
   """Trains one model (resumable); returns (params, history).
 
   `phases`: list of (first_step, context, batch) in step order. Checkpoint:
@@ -373,9 +373,21 @@ def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
   if tqdm is not None and not args.no_progress and step < steps:
     bar = tqdm(total=steps, initial=step, desc=f"[{name}]", mininterval=2.0,
                dynamic_ncols=True)
+  eval_every = eval_every or args.eval_every
+  eval_context = phases[0][1]
+
+  def evaluate():
+    eval_loss = evaluator.nll(params, attention, eval_context,
+                              num_tokens=max(eval_context, args.eval_tokens // 4))
+    history["eval_step"].append(step)
+    history["eval_loss"].append(eval_loss)
+    log(f"[{name}] step {step}: held-out loss {eval_loss:.4f} nats/byte "
+        f"(ppl {math.exp(eval_loss):.3f}) at context {eval_context}")
+
+  if init_params is not None and step == 0 and steps > 0:
+    evaluate()  # where fine-tuning starts from
   pending, interval_start, interval_steps = [], time.perf_counter(), 0
   seen_contexts, interval_clean = set(), True  # clean: no compile inside the interval
-  eval_context = phases[0][1]
   while step < steps:
     _, context, batch = [p for p in phases if p[0] <= step][-1]
     if context not in seen_contexts:
@@ -402,13 +414,8 @@ def train(args, name, attention, train_stream, evaluator, *, steps, lr, warmup,
         bar.set_postfix(loss=f"{mean:.3f}", ctx=context)
       else:
         log(f"[{name}] step {step}/{steps} loss {mean:.4f} (ctx {context})")
-    if step % args.eval_every == 0 or step == steps:
-      eval_loss = evaluator.nll(params, attention, eval_context,
-                                num_tokens=max(eval_context, args.eval_tokens // 4))
-      history["eval_step"].append(step)
-      history["eval_loss"].append(eval_loss)
-      log(f"[{name}] step {step}: held-out loss {eval_loss:.4f} nats/byte "
-          f"(ppl {math.exp(eval_loss):.3f}) at context {eval_context}")
+    if step % eval_every == 0 or step == steps:
+      evaluate()
       interval_start = time.perf_counter()  # the evaluation is not a training step
     if step % args.ckpt_every == 0 or step == steps:
       save()
@@ -431,10 +438,10 @@ def training_phases(args):
 
 # ----------------------------------------------------------------------------- compare
 
-def compare(args, params, train_stream, evaluator, settings):
+def compare(args, params, train_stream, evaluator, settings, on_update=lambda rows: None):
+  """The post-hoc swap, causality check and fine-tuning; `on_update(rows)` after each row."""
   contexts = [int(c) for c in args.contexts.split(",")]
   rows = []
-  exact_ppl = {}
   timings = {}
 
   def evaluate_row(label, setting_name, setting, row_params, finetuned=False):
@@ -472,25 +479,28 @@ def compare(args, params, train_stream, evaluator, settings):
           + ("" if seconds is None else f"  attention forward {1e3 * seconds:.3f} ms"))
     return row
 
+  # causality: change everything after position i, mid-way through a grouping block
+  causal_context = args.causality_context or args.context
+  position = causal_context // 2 + 8
+
+  def check_causality(row, setting):
+    change = evaluator.causality(params, options_for(setting, causal_context),
+                                 causal_context, position)
+    row["causality"] = {"context": causal_context, "position": position,
+                        "max_logit_change": change, "strictly_causal": change <= 1e-6}
+    log(f"  {row['setting']:32s} causality at {causal_context}: max logit change at "
+        f"positions <= {position} when the later bytes change: {change:.3g}")
+
   log("post-hoc swap: held-out perplexity per byte")
-  exact_row = evaluate_row("exact", "exact", None, params)
-  exact_ppl = exact_row["ppl"]
-  rows.append(exact_row)
-  for name, setting in settings:
-    rows.append(evaluate_row(name, name, setting, params))
-  for row in rows:
+  exact_ppl = None
+  for name, setting in [("exact", None)] + settings:
+    row = evaluate_row(name, name, setting, params)
+    exact_ppl = exact_ppl or row["ppl"]
     for c, p in row["ppl"].items():
       row["ratio"][c] = (p / exact_ppl[c]) if (p and exact_ppl.get(c)) else None
-
-  # causality: change everything after position i, mid-way through a grouping block
-  context = args.causality_context or args.context
-  position = context // 2 + 8
-  log(f"causality: bytes after position {position} changed, context {context}")
-  for row, (name, setting) in zip(rows, [("exact", None)] + settings):
-    change = evaluator.causality(params, options_for(setting, context), context, position)
-    row["causality"] = {"context": context, "position": position,
-                        "max_logit_change": change, "strictly_causal": change <= 1e-6}
-    log(f"  {row['setting']:32s} max logit change at <= i: {change:.3g}")
+    check_causality(row, setting)
+    rows.append(row)
+    on_update(rows)
 
   # fine-tuning with the layer in place (and the exact control, trained alike)
   finetuned = []
@@ -513,7 +523,8 @@ def compare(args, params, train_stream, evaluator, settings):
           args, f"finetune-{name}", options_for(setting, ft_context), train_stream,
           evaluator, steps=args.finetune_steps, lr=args.finetune_lr,
           warmup=max(1, args.finetune_steps // 10), init_params=params,
-          phases=[(0, ft_context, ft_batch)])
+          phases=[(0, ft_context, ft_batch)],
+          eval_every=max(args.log_every, args.finetune_steps // 3))
       row = evaluate_row(f"{name} (fine-tuned)", name, setting, ft_params, finetuned=True)
       row["finetune"] = {"steps": args.finetune_steps, "context": ft_context,
                          "time_s": time.perf_counter() - start, "history": ft_history}
@@ -523,6 +534,7 @@ def compare(args, params, train_stream, evaluator, settings):
       for c, p in row["ppl"].items():
         row["ratio"][c] = (p / base[c]) if (p and base.get(c)) else None
       finetuned.append(row)
+      on_update(rows + finetuned)
   return rows + finetuned, contexts
 
 
@@ -585,7 +597,9 @@ def plot_compare(path, rows, head_ctx):
                 xytext=(3, 3), textcoords="offset points")
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.axvline(1.0, color="gray", lw=0.8)
-  ax.set_yscale("log")
+  ratios = [r["ratio"].get(key) for r in rows if r["ratio"].get(key)]
+  if ratios and max(ratios) / min(ratios) > 1.5:
+    ax.set_yscale("log")
   ax.set(xlabel=f"attention forward speed-up over exact at {head_ctx} bytes",
          ylabel=f"held-out perplexity / exact at {head_ctx} bytes",
          title="DistrAttention in a byte-level LM (o post hoc, ■ fine-tuned)")
@@ -732,30 +746,38 @@ def main(argv=None):
       settings.append((name, setting))
     for name, reason in skipped.items():
       log(f"skipped {name}: the library refused grouping: {reason}")
-    t0 = time.perf_counter()
-    rows, contexts = compare(args, params, train_stream, evaluator, settings)
-    timings["compare_s"] = time.perf_counter() - t0
+    contexts = [int(c) for c in args.contexts.split(",")]
     head_ctx = headline(args, contexts)
-    runs += [(f"finetune-{r['name']}", r["finetune"]["history"]) for r in rows
-             if r.get("finetune")]
     meta = (f"{summary['device_kind']} ({summary['backend']}), jax {jax.__version__}, "
             f"{summary['date']}; model {args.layers} layers x {args.heads} heads x "
             f"{args.head_dim} dims ({n_params / 1e6:.1f}M parameters, "
             f"{model.config.dtype}), trained {args.steps} steps with exact attention "
-            f"(phases {phases}); {args.eval_tokens} held-out bytes per context.")
-    table = write_table(os.path.join(args.out_dir, "compare.md"), rows, contexts, head_ctx,
-                        meta)
-    compare_json = {"meta": meta, "contexts": contexts, "headline_context": head_ctx,
-                    "skipped": skipped,
-                    "rows": [{k: v for k, v in r.items() if k != "finetune"}
-                             | ({"finetune": {k: v for k, v in r["finetune"].items()
-                                              if k != "history"}} if "finetune" in r else {})
-                             for r in rows]}
-    with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
-      json.dump(compare_json, f, indent=1)
+            f"(phases [first step, context, batch]: {phases}); {args.eval_tokens} held-out "
+            f"bytes per context; fine-tuning {args.finetune_steps} steps.")
+
+    def write(rows):  # after every row, so an interrupted run leaves its table
+      table = write_table(os.path.join(args.out_dir, "compare.md"), rows, contexts,
+                          head_ctx, meta)
+      compare_json = {
+          "meta": meta, "contexts": contexts, "headline_context": head_ctx,
+          "skipped": skipped,
+          "rows": [{k: v for k, v in r.items() if k != "finetune"}
+                   | ({"finetune": {k: v for k, v in r["finetune"].items()
+                                    if k != "history"}} if "finetune" in r else {})
+                   for r in rows]}
+      with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
+        json.dump(compare_json, f, indent=1)
+      return table, compare_json
+
+    t0 = time.perf_counter()
+    rows, contexts = compare(args, params, train_stream, evaluator, settings, write)
+    timings["compare_s"] = time.perf_counter() - t0
+    runs += [(f"finetune-{r['name']}", r["finetune"]["history"]) for r in rows
+             if r.get("finetune")]
+    table, compare_json = write(rows)
     plot_compare(os.path.join(args.out_dir, "compare.png"), rows, head_ctx)
     summary["compare"] = compare_json
-    print(table)
+    print(table, flush=True)
   timings["total_s"] = time.perf_counter() - start
   summary["timings"] = timings
   with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
