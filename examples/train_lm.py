@@ -164,8 +164,9 @@ def parse_setting(name: str, implementation=None):
   if name == "exact":
     return None
   try:
-    g, grouping, block = name.split("-")
-    assert g[0] == "g" and block[0] == "b"
+    g, *middle, block = name.split("-")
+    grouping = "-".join(middle)  # a grouping name may hold dashes
+    assert g[0] == "g" and block[0] == "b" and grouping
     group_size = int(g[1:])
     block = block[1:] if block[1:] == "seq" else int(block[1:])
   except (ValueError, AssertionError):
@@ -443,6 +444,7 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
   contexts = [int(c) for c in args.contexts.split(",")]
   rows = []
   timings = {}
+  failed = {}  # setting -> error, reported with the skipped ones
 
   def evaluate_row(label, setting_name, setting, row_params, finetuned=False):
     row = {"setting": label, "name": setting_name, "finetuned": finetuned,
@@ -494,11 +496,18 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
   log("post-hoc swap: held-out perplexity per byte")
   exact_ppl = None
   for name, setting in [("exact", None)] + settings:
-    row = evaluate_row(name, name, setting, params)
-    exact_ppl = exact_ppl or row["ppl"]
-    for c, p in row["ppl"].items():
-      row["ratio"][c] = (p / exact_ppl[c]) if (p and exact_ppl.get(c)) else None
-    check_causality(row, setting)
+    try:
+      row = evaluate_row(name, name, setting, params)
+      exact_ppl = exact_ppl or row["ppl"]
+      for c, p in row["ppl"].items():
+        row["ratio"][c] = (p / exact_ppl[c]) if (p and exact_ppl.get(c)) else None
+      check_causality(row, setting)
+    except Exception as e:  # noqa: BLE001  (one failing setting must not end the study)
+      if setting is None:
+        raise
+      log(f"  {name}: FAILED, skipped: {type(e).__name__}: {str(e)[:300]}")
+      failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
+      continue
     rows.append(row)
     on_update(rows)
 
@@ -519,13 +528,19 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
           continue
       log(f"fine-tune {name}: {args.finetune_steps} steps at context {ft_context}")
       start = time.perf_counter()
-      ft_params, ft_history = train(
-          args, f"finetune-{name}", options_for(setting, ft_context), train_stream,
-          evaluator, steps=args.finetune_steps, lr=args.finetune_lr,
-          warmup=max(1, args.finetune_steps // 10), init_params=params,
-          phases=[(0, ft_context, ft_batch)],
-          eval_every=max(args.log_every, args.finetune_steps // 3))
-      row = evaluate_row(f"{name} (fine-tuned)", name, setting, ft_params, finetuned=True)
+      try:
+        ft_params, ft_history = train(
+            args, f"finetune-{name}", options_for(setting, ft_context), train_stream,
+            evaluator, steps=args.finetune_steps, lr=args.finetune_lr,
+            warmup=max(1, args.finetune_steps // 10), init_params=params,
+            phases=[(0, ft_context, ft_batch)],
+            eval_every=max(args.log_every, args.finetune_steps // 3))
+        row = evaluate_row(f"{name} (fine-tuned)", name, setting, ft_params,
+                           finetuned=True)
+      except Exception as e:  # noqa: BLE001
+        log(f"fine-tune {name}: FAILED, skipped: {type(e).__name__}: {str(e)[:300]}")
+        failed[f"{name} (fine-tuned)"] = f"{type(e).__name__}: {str(e)[:300]}"
+        continue
       row["finetune"] = {"steps": args.finetune_steps, "context": ft_context,
                          "time_s": time.perf_counter() - start, "history": ft_history}
       if name == "exact":
@@ -535,14 +550,14 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
         row["ratio"][c] = (p / base[c]) if (p and base.get(c)) else None
       finetuned.append(row)
       on_update(rows + finetuned)
-  return rows + finetuned, contexts
+  return rows + finetuned, failed
 
 
 def headline(args, contexts):
   return args.headline_context if args.headline_context in contexts else max(contexts)
 
 
-def write_table(path_md, rows, contexts, head_ctx, meta):
+def write_table(path_md, rows, contexts, head_ctx, meta, skipped=None):
   def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
@@ -569,6 +584,8 @@ def write_table(path_md, rows, contexts, head_ctx, meta):
         + f" | {fmt(row['speedup'].get(str(head_ctx)), '.2f')}"
         + f" | {fmt(causal and causal['max_logit_change'], '.3g')}"
         + f" | {'—' if not causal else ('yes' if causal['strictly_causal'] else 'no')} |")
+  for name, reason in (skipped or {}).items():
+    lines.append(f"\nSkipped {name}: {reason}")
   with open(path_md, "w") as f:
     f.write("\n".join(lines) + "\n")
   return "\n".join(lines)
@@ -757,7 +774,7 @@ def main(argv=None):
 
     def write(rows):  # after every row, so an interrupted run leaves its table
       table = write_table(os.path.join(args.out_dir, "compare.md"), rows, contexts,
-                          head_ctx, meta)
+                          head_ctx, meta, skipped)
       compare_json = {
           "meta": meta, "contexts": contexts, "headline_context": head_ctx,
           "skipped": skipped,
@@ -770,7 +787,8 @@ def main(argv=None):
       return table, compare_json
 
     t0 = time.perf_counter()
-    rows, contexts = compare(args, params, train_stream, evaluator, settings, write)
+    rows, failed = compare(args, params, train_stream, evaluator, settings, write)
+    skipped.update(failed)
     timings["compare_s"] = time.perf_counter() - t0
     runs += [(f"finetune-{r['name']}", r["finetune"]["history"]) for r in rows
              if r.get("finetune")]

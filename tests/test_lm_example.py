@@ -13,7 +13,7 @@ sys.path.insert(0, EXAMPLES)
 import train_lm  # noqa: E402
 
 TINY = ["--preset", "tiny", "--no-progress", "--contexts", "64",
-        "--grid", "g2-greedy-b16,g2-lowrank-bseq", "--finetune", "g2-greedy-b16",
+        "--grid", "g2-greedy-b16,g3-greedy-b16,g2-lowrank-bseq", "--finetune", "g2-greedy-b16",
         "--finetune-steps", "2", "--timing-reps", "1"]
 
 
@@ -60,6 +60,7 @@ def test_train_compare_and_resume(tmp_path):
   for row in rows.values():
     assert row["ppl"]["64"] > 1 and 0.5 < row["ratio"]["64"] < 2
   assert rows["exact"]["speedup"]["64"] == pytest.approx(1.0)
+  assert "group_size" in table["skipped"]["g3-greedy-b16"]  # a failing setting is skipped
   if "g2-lowrank-bseq" in table["skipped"]:  # the library has no lowrank grouping yet
     assert "lowrank" in table["skipped"]["g2-lowrank-bseq"]
   with open(os.path.join(out, "compare.md")) as f:
