@@ -496,6 +496,12 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
   log("post-hoc swap: held-out perplexity per byte")
   exact_ppl = None
   for name, setting in [("exact", None)] + settings:
+    elapsed = time.perf_counter() - _START
+    if setting is not None and args.time_budget and \
+        elapsed > args.time_budget - args.finetune_reserve:
+      failed[name] = f"not run: {elapsed:.0f} s of --time-budget {args.time_budget} s spent"
+      log(f"  {name}: {failed[name]}")
+      continue
     try:
       row = evaluate_row(name, name, setting, params)
       exact_ppl = exact_ppl or row["ppl"]
@@ -521,6 +527,12 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
     control = None
     for name in names:
       setting = parse_setting(name, args.implementation)
+      elapsed = time.perf_counter() - _START
+      if args.time_budget and elapsed > args.time_budget - 60:
+        failed[f"{name} (fine-tuned)"] = (f"not run: {elapsed:.0f} s of --time-budget "
+                                          f"{args.time_budget} s spent")
+        log(f"fine-tune {name}: {failed[f'{name} (fine-tuned)']}")
+        continue
       if name not in available and setting is not None:
         reason = grouping_available(setting["grouping"])
         if reason:
@@ -546,6 +558,7 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
       if name == "exact":
         control = row
       base = control["ppl"] if control else exact_ppl
+      row["ratio_to"] = "exact (fine-tuned)" if control else "exact"
       for c, p in row["ppl"].items():
         row["ratio"][c] = (p / base[c]) if (p and base.get(c)) else None
       finetuned.append(row)
@@ -700,6 +713,12 @@ def parse_args(argv=None):
   p.add_argument("--exact-implementation", default="auto",
                  help="jax.nn.dot_product_attention's implementation for exact attention: "
                       "auto (cudnn on a GPU with bf16/f16, else xla), cudnn, xla")
+  p.add_argument("--time-budget", type=float, default=0,
+                 help="seconds for the whole run (0: no limit): post-hoc settings not "
+                      "started by budget - --finetune-reserve, and fine-tunes not started "
+                      "by budget - 60, are skipped and listed")
+  p.add_argument("--finetune-reserve", type=float, default=150,
+                 help="seconds kept for fine-tuning under --time-budget")
   p.add_argument("--log-every", type=int, default=10)
   p.add_argument("--ckpt-every", type=int)
   p.add_argument("--out-dir", default="examples/out/lm")
