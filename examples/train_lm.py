@@ -30,7 +30,9 @@ train with DistrAttention instead.
   4. fine-tunes the trained model for `--finetune-steps` with each `--finetune` setting in
      place, and exact attention alike as the control, and evaluates again (ratios of
      fine-tuned settings are to the fine-tuned exact control).
-It writes compare.md, compare.json and compare.png under `--out-dir`.
+It writes compare.md, compare.json and compare.png under `--out-dir` (the table after
+every row). `--time-budget S` skips, and lists, the settings that would not fit in S
+seconds (for a command with a time limit).
 
 Setting names: `g{G}-{grouping}-b{block_q}`, e.g. `g2-greedy-b64`, `g4-lsh-b1024`,
 `g2-lowrank-bseq` (`bseq`: one grouping per sequence, block_q = the context). Groupings
