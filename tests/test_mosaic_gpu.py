@@ -54,11 +54,9 @@ CASES = [
     (64, 128, False, jnp.float16, 4, 4, 2, 1000, 777, "table"),
     (64, 128, True, jnp.bfloat16, 4, 4, 2, 777, 1000, "split"),
     (32, 128, True, jnp.bfloat16, 4, 4, 2, 4096, 4096, "table"),
-    (32, 128, False, jnp.bfloat16, 4, 2, 2, 1000, 1000, "split"),
     (16, 128, True, jnp.float16, 4, 2, 2, 1000, 900, "table"),
     (64, 256, False, jnp.bfloat16, 4, 2, 2, 4096, 4096, "table"),
     (32, 256, True, jnp.bfloat16, 4, 4, 2, 777, 1000, "table"),
-    (128, 256, True, jnp.bfloat16, 2, 2, 2, 1000, 1000, "table"),
     (64, 64, True, jnp.bfloat16, 4, 4, 4, 1000, 1000, "table"),
     (32, 128, True, jnp.bfloat16, 2, 2, 2, 16384, 16384, "table"),
 ]
@@ -96,7 +94,8 @@ def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_
                            k_heads, v_heads, r, dv, dtype)
   tiles = _tiles(r, dv, dtype, backward)
   tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
-  out, lse = mosaic.forward(q, k, v, causal=causal, tiles=tiles)
+  # Same static arguments as the custom VJP's forward, so that it compiles once.
+  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
   out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
   assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
   _check(out, out_ref, "out", tol)

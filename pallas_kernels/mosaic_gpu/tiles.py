@@ -72,25 +72,29 @@ class Tiles:
 
 
 def pick_tiles(r: int, dv: int, dtype) -> Tiles:
-  """Tiles per (r, dv, dtype).
+  """Tiles per (r, dv, dtype); bf16 and f16 share the table.
 
-  Measured on an NVIDIA H100 80GB HBM3 (jax 0.11.2), 2026-11-25 (MOSAIC_NOTES.md with the
-  upstream-derived kernel; docs/KERNEL_NOTES.md 2026-11-25 for this package's kernels):
-  forward block_kv=128 for dv <= 128 (64 was 15-20% slower), block_kv=64 for dv=256
-  (shared memory); more stages gained nothing. Backward (64, 64, 64, 64) best for r >= 32,
-  block_kv_dq=128 / block_q_dkv=128 for r=16.
+  Measured on an NVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-25, B=1 H=16 N=16384 bf16
+  (docs/KERNEL_NOTES.md, 2026-11-25 section; benchmarks/mosaic_kernel_speed.py):
+  - forward block_kv=128 for dv <= 128 (block_kv=64: 3.22 vs 2.72 ms at r=32, dv=128);
+    block_kv=64 for dv=256 (128 does not fit shared memory); stages=3 gained nothing
+    (2.73 vs 2.68 ms at r=32/dv=128, 4.92 vs 4.77 ms at r=64/dv=256).
+  - backward fused (dQ by float32 reduce-add) for r < dv <= 128: fwd+bwd 9.22 vs 10.59 ms
+    at r=32/dv=128, 10.66 vs 11.90 ms at r=64/dv=128, 8.38 ms at r=16/dv=128 with
+    block_q_dkv=64 (9.78 with 128). Split (dQ kernel + dK/dV kernel) for dv=256
+    (20.43 vs 21.39 ms at r=64) and for r = dv (15.02 vs 16.60 ms at r=dv=128).
+  - backward tiles 64/64/64/64 (block_q_dkv=128: 13.27 vs 9.22 ms fused at r=32);
+    one consumer warpgroup in the backward was slower (13.32 vs 10.67 ms split at r=32);
+    stages_bwd=3 within noise (9.05 vs 9.22 non-causal, 4.61 vs 4.54 causal).
   """
-  del dtype  # bf16 and f16 have one size; the table is the same for both.
-  if dv > 128:
-    tiles = Tiles(block_kv=64)
-  else:
-    tiles = Tiles(block_kv=128)
-  if r <= 16:
-    tiles = dataclasses.replace(tiles, block_kv_dq=128, block_q_dkv=128)
+  del dtype
+  tiles = Tiles(block_kv=64 if dv > 128 else 128)
   itemsize = jnp.dtype(jnp.bfloat16).itemsize
   if tiles.forward_smem_bytes(r, dv, itemsize) > SMEM_BYTES - 8192:
     tiles = dataclasses.replace(tiles, block_kv=64)
   fused = dataclasses.replace(tiles, fused_bwd=True)
-  if r < dv and fused.dkv_smem_bytes(r, dv, itemsize) <= SMEM_BYTES - 8192:
-    tiles = fused
+  if r < dv <= 128 and fused.dkv_smem_bytes(r, dv, itemsize) <= SMEM_BYTES - 8192:
+    return fused
+  if r <= 16:  # split backward at r=16: (64, 128, 128, 64) (MOSAIC_NOTES.md)
+    tiles = dataclasses.replace(tiles, block_kv_dq=128, block_q_dkv=128)
   return tiles
