@@ -5,8 +5,7 @@ forward+backward (jax.vjp with a random cotangent), medians of rounds after warm
 cuDNN is jax.nn.dot_product_attention(implementation="cudnn") at the full width d.
 Each group runs in a child process with a time limit, so a hang costs one group only.
 
-  PYTHONPATH=. python benchmarks/mosaic_kernel_speed.py --groups cudnn,d128,d256 \
-      --json benchmarks/results/mosaic_kernel_speed.json
+  PYTHONPATH=. python benchmarks/mosaic_kernel_speed.py --groups cudnn,d128,d256,variants
 """
 
 from __future__ import annotations
@@ -111,7 +110,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--groups", default="cudnn,d128,d256")
   parser.add_argument("--modes", default="fwd,fwd+bwd")
-  parser.add_argument("--json", default="benchmarks/results/mosaic_kernel_speed.json")
+  parser.add_argument("--json", default=None,
+                      help="default: benchmarks/results/mosaic-kernel-speed-DEVICE-DATE.json")
   parser.add_argument("--group-timeout", type=float, default=240)
   parser.add_argument("--child", default=None)
   parser.add_argument("--rows", default=None)
@@ -122,6 +122,10 @@ def main():
     return
 
   import jax
+  if args.json is None:
+    device = jax.devices()[0].device_kind.replace(" ", "_")
+    args.json = (f"benchmarks/results/mosaic-kernel-speed-{device}-"
+                 f"{datetime.date.today().isoformat()}.json")
   rows_path = args.json + ".rows"
   if os.path.exists(rows_path):
     os.remove(rows_path)
