@@ -40,9 +40,13 @@ def _key_count(k, kv_len: int | None) -> int:
   return int(kv_len)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "kv_len", "tiles"))
-def forward(q, k, v, *, causal: bool, kv_len: int | None = None, tiles: Tiles | None = None):
-  """(out [B, Tq, H, dv], lse [B, H, Tq] float32, natural log)."""
+@functools.partial(jax.jit, static_argnames=("causal", "kv_len", "tiles", "q_offset"))
+def forward(q, k, v, *, causal: bool, kv_len: int | None = None, tiles: Tiles | None = None,
+            q_offset: int = 0):
+  """(out [B, Tq, H, dv], lse [B, H, Tq] float32, natural log).
+
+  `q_offset` (causal only): q holds the query rows from position q_offset on (query i
+  sees keys j <= i + q_offset)."""
   common.check_supported(q, k, v)
   tiles = _tiles_for(q, v, tiles)
   batch, q_len, heads, _ = q.shape
@@ -54,13 +58,14 @@ def forward(q, k, v, *, causal: bool, kv_len: int | None = None, tiles: Tiles | 
   qp = _pad_axis(q, 1, tiles.q_multiple)
   kp = _pad_axis(k[:, :keys], 1, tiles.kv_multiple)
   vp = _pad_axis(v[:, :keys], 1, tiles.kv_multiple)
-  out, lse = forward_call(qp, kp, vp, causal=causal, kv_len=keys, tiles=tiles)
+  out, lse = forward_call(qp, kp, vp, causal=causal, kv_len=keys, tiles=tiles,
+                          q_offset=q_offset)
   return out[:, :q_len], lse[:, :, :q_len]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "kv_len", "tiles"))
+@functools.partial(jax.jit, static_argnames=("causal", "kv_len", "tiles", "q_offset"))
 def backward(q, k, v, out, lse, d_out, *, causal: bool, kv_len: int | None = None,
-             tiles: Tiles | None = None):
+             tiles: Tiles | None = None, q_offset: int = 0):
   """(dq, dk, dv), dk / dv summed over the query heads sharing a k / v head."""
   common.check_supported(q, k, v)
   tiles = _tiles_for(q, v, tiles)
@@ -81,12 +86,13 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, kv_len: int | None = Non
   if tiles.fused_bwd:
     dq_acc = jax.new_ref(jnp.zeros((batch, qp.shape[1], heads, r), jnp.float32))
     dk, dvv = dkv_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys,
-                       tiles=tiles, dq_acc=dq_acc)
+                       tiles=tiles, dq_acc=dq_acc, q_offset=q_offset)
     dq = dq_acc[...][:, :q_len].astype(q.dtype)
   else:
-    dq = dq_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys, tiles=tiles)
+    dq = dq_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys, tiles=tiles,
+                 q_offset=q_offset)
     dk, dvv = dkv_call(qp, kp, vp, dop, lsep, deltap, causal=causal, kv_len=keys,
-                       tiles=tiles)
+                       tiles=tiles, q_offset=q_offset)
     dq = dq[:, :q_len]
   dk, dvv = dk[:, :keys], dvv[:, :keys]
   if heads != k_heads:  # GQA: sum over the query heads of each k head (float32)
@@ -101,19 +107,20 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, kv_len: int | None = Non
   return dq, dk, dvv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, causal, kv_len, tiles):
-  return forward(q, k, v, causal=causal, kv_len=kv_len, tiles=tiles)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, causal, kv_len, tiles, q_offset):
+  return forward(q, k, v, causal=causal, kv_len=kv_len, tiles=tiles, q_offset=q_offset)[0]
 
 
-def _attention_fwd(q, k, v, causal, kv_len, tiles):
-  out, lse = forward(q, k, v, causal=causal, kv_len=kv_len, tiles=tiles)
+def _attention_fwd(q, k, v, causal, kv_len, tiles, q_offset):
+  out, lse = forward(q, k, v, causal=causal, kv_len=kv_len, tiles=tiles, q_offset=q_offset)
   return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(causal, kv_len, tiles, residuals, d_out):
+def _attention_bwd(causal, kv_len, tiles, q_offset, residuals, d_out):
   q, k, v, out, lse = residuals
-  return backward(q, k, v, out, lse, d_out, causal=causal, kv_len=kv_len, tiles=tiles)
+  return backward(q, k, v, out, lse, d_out, causal=causal, kv_len=kv_len, tiles=tiles,
+                  q_offset=q_offset)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -126,4 +133,33 @@ def attention(q, k, v, *, causal: bool = False, kv_len: int | None = None,
   q [B, Tq, H, r] with the softmax scale folded in; k [B, Tk, Hk, r]; v [B, Tk, Hv, dv].
   `kv_len` (static): keys at positions >= kv_len are ignored (their gradients are 0).
   """
-  return _attention(q, k, v, causal, kv_len, tiles)
+  return _attention(q, k, v, causal, kv_len, tiles, 0)
+
+
+def attention_blocked(q, k, v, *, group_block_q: int, causal: bool = False,
+                      tiles: Tiles | None = None):
+  """Attention where each grouping block of `group_block_q` query rows has its own K_fused.
+
+  q [B, Tq, H, r] (scale folded in); k [B, nb, Tk, Hk, r] with nb = ceil(Tq /
+  group_block_q), block j's K_fused at k[:, j]; v [B, Tk, Hv, dv] shared by all blocks.
+  One kernel launch per block (its queries, its K_fused, and under causal only the keys
+  up to its last row); gradients flow to every block's K_fused and to the shared V.
+  group_block_q must be a multiple of 128 (the kernels' query tile of two warpgroups):
+  smaller grouping blocks belong to the gather kernels.
+  """
+  if k.ndim != 5:
+    raise ValueError(f"k must be [B, nb, Tk, Hk, r], got {k.shape}")
+  q_len, kv_total = q.shape[1], k.shape[2]
+  if group_block_q <= 0 or group_block_q % 128:
+    raise ValueError(f"group_block_q={group_block_q} must be a positive multiple of 128")
+  num_blocks = -(-q_len // group_block_q)
+  if k.shape[1] != num_blocks:
+    raise ValueError(f"k has {k.shape[1]} grouping blocks, {q_len} query rows in blocks of "
+                     f"{group_block_q} need {num_blocks}")
+  outs = []
+  for j in range(num_blocks):
+    start, stop = j * group_block_q, min(q_len, (j + 1) * group_block_q)
+    kv_end = min(kv_total, stop) if causal else kv_total  # later keys are all masked
+    outs.append(_attention(q[:, start:stop], k[:, j, :kv_end], v[:, :kv_end], causal, None,
+                           tiles, start if causal else 0))
+  return outs[0] if num_blocks == 1 else jnp.concatenate(outs, axis=1)

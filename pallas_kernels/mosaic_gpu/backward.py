@@ -31,7 +31,8 @@ def _regs(wgs: int) -> tuple[int, int]:
   return {1: (256, 40), 2: (232, 40), 3: (160, 24)}[wgs]
 
 
-def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles):
+def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
+            q_offset: int = 0):
   batch, q_len, heads, r = q.shape
   _, kv_len_padded, k_heads, _ = k.shape
   v_heads, dv = v.shape[2], v.shape[3]
@@ -55,7 +56,10 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
       qi = (q_len // cta_rows - 1) - qi
     wg = lax.axis_index("wg")
     if causal:
-      cta_tiles = jnp.minimum(cdiv((qi + 1) * cta_rows, block_kv), num_kv_tiles)
+      cta_end = (qi + 1) * cta_rows
+      if q_offset:
+        cta_end = cta_end + q_offset
+      cta_tiles = jnp.minimum(cdiv(cta_end, block_kv), num_kv_tiles)
     else:
       cta_tiles = num_kv_tiles
 
@@ -63,6 +67,7 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
     def _consumer():
       plgpu.set_max_registers(consumer_regs, action="increase")
       q_base = (qi * wgs + wg) * block_q
+      q_pos = q_base + q_offset if q_offset else q_base  # position for the causal mask
       rows = pl.ds(q_base, block_q)
       q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
       lse_smem, delta_smem = lse_smems.at[wg], delta_smems.at[wg]
@@ -72,8 +77,8 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
       plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem, barrier)
       plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem, barrier)
       if causal:
-        wg_tiles = jnp.minimum(cdiv(q_base + block_q, block_kv), num_kv_tiles)
-        plain_tiles = jnp.minimum(lax.div(q_base, i32(block_kv)),
+        wg_tiles = jnp.minimum(cdiv(q_pos + block_q, block_kv), num_kv_tiles)
+        plain_tiles = jnp.minimum(lax.div(q_pos, i32(block_kv)),
                                   num_kv_tiles - 1 if kv_tail else num_kv_tiles)
       else:
         wg_tiles = num_kv_tiles
@@ -93,7 +98,7 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
         s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
         p = jnp.exp2(s * LOG2E - common.row_bcast(lse2, s.shape))
         if masked:
-          rows_i = q_base + common.iota(s.shape, 0)
+          rows_i = q_pos + common.iota(s.shape, 0)
           cols = t * block_kv + common.iota(s.shape, 1)
           valid = None
           if causal:
@@ -186,7 +191,7 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles)
 
 
 def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
-             dq_acc=None):
+             dq_acc=None, q_offset: int = 0):
   """dK [B, Tk, H, r] and dV [B, Tk, H, dv] per query head.
 
   With `dq_acc` (a float32 Ref [B, Tq, H, r] holding zeros) the kernel also computes dQ
@@ -223,7 +228,11 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles
     ki = lax.axis_index("kv_tiles")
     wg = lax.axis_index("wg")
     # q tiles this CTA streams: [cta_first, num_q_tiles); causal starts at the diagonal.
-    cta_first = lax.div(ki * cta_keys, i32(block_q)) if causal else 0
+    def first_q_tile(key):  # first query tile holding a query at position >= key
+      if q_offset:
+        key = jnp.maximum(key - q_offset, 0)
+      return lax.div(key, i32(block_q))
+    cta_first = first_q_tile(ki * cta_keys) if causal else 0
     stages = min(tiles.stages_bwd, num_q_tiles)
 
     @pl.when(wg < wgs)
@@ -239,8 +248,11 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles
       # [cta_first, wg_first): streamed for an earlier warpgroup only (causal);
       # [wg_first, plain_first): diagonal tiles, masked; [plain_first, end): unmasked.
       if causal:
-        wg_first = jnp.minimum(lax.div(kv_base, i32(block_q)), num_q_tiles)
-        plain_first = jnp.minimum(cdiv(kv_base + block_kv - 1, block_q), num_q_tiles)
+        wg_first = jnp.minimum(first_q_tile(kv_base), num_q_tiles)
+        last_key = kv_base + block_kv - 1
+        if q_offset:
+          last_key = jnp.maximum(last_key - q_offset, 0)
+        plain_first = jnp.minimum(cdiv(last_key, block_q), num_q_tiles)
       else:
         wg_first = plain_first = 0
       plgpu.barrier_wait(kv_loaded.at[wg])
@@ -271,6 +283,8 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles
           valid = key_j < kv_len if kv_tail else None
           if masked:  # key j sees query i iff j <= i
             query_i = i * block_q + common.iota(s_t.shape, 1)
+            if q_offset:
+              query_i = query_i + q_offset
             causal_ok = key_j <= query_i
             valid = causal_ok if valid is None else jnp.logical_and(valid, causal_ok)
           p_t = jnp.where(valid, p_t, 0.0)

@@ -24,7 +24,9 @@ from pallas_kernels.mosaic_gpu.common import LN2, LOG2E, MASKED, WGMMA_ROW, cdiv
 from pallas_kernels.mosaic_gpu.tiles import Tiles
 
 
-def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
+def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: int = 0):
+  """`q_offset` (static, causal only): query row 0 sits at position q_offset, so query i
+  sees keys j <= i + q_offset (one grouping block of a longer sequence)."""
   batch, q_len, heads, r = q.shape
   _, kv_len_padded, k_heads, _ = k.shape
   v_heads, dv = v.shape[2], v.shape[3]
@@ -52,7 +54,10 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
 
     # kv tiles this CTA streams: causal stops at the diagonal of its last query row.
     if causal:
-      cta_tiles = jnp.minimum(cdiv((qi + 1) * cta_rows, block_kv), num_kv_tiles)
+      cta_end = (qi + 1) * cta_rows
+      if q_offset:
+        cta_end = cta_end + q_offset
+      cta_tiles = jnp.minimum(cdiv(cta_end, block_kv), num_kv_tiles)
     else:
       cta_tiles = num_kv_tiles
 
@@ -64,13 +69,14 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       q_base = (qi * wgs + wg) * block_q
+      q_pos = q_base + q_offset if q_offset else q_base  # position for the causal mask
       q_smem, o_smem, lse_smem = q_smems.at[wg], o_smems.at[wg], lse_smems.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], q_smem,
                               q_loaded.at[wg])
       # This warpgroup's tiles: [0, wg_tiles); [0, plain_tiles) need no mask.
       if causal:
-        wg_tiles = jnp.minimum(cdiv(q_base + block_q, block_kv), num_kv_tiles)
-        plain_tiles = jnp.minimum(lax.div(q_base, i32(block_kv)),
+        wg_tiles = jnp.minimum(cdiv(q_pos + block_q, block_kv), num_kv_tiles)
+        plain_tiles = jnp.minimum(lax.div(q_pos, i32(block_kv)),
                                   num_kv_tiles - 1 if kv_tail else num_kv_tiles)
       else:
         wg_tiles = num_kv_tiles
@@ -100,7 +106,7 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles):
         plgpu.barrier_arrive(k_free.at[slot])
 
         if masked:  # diagonal tile (causal) and/or the tile holding padding keys
-          rows = q_base + common.iota(s.shape, 0)
+          rows = q_pos + common.iota(s.shape, 0)
           cols = t * block_kv + common.iota(s.shape, 1)
           valid = None
           if causal:
