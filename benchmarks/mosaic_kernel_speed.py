@@ -43,6 +43,10 @@ def _groups():
       "fwd_variants": [
           ("d=256 G=4 stages=3", 256, 4, {"stages": 3}),
           ("d=128 G=4 stages=3", 128, 4, {"stages": 3}),
+          ("d=128 G=4 overlap block_kv=64", 128, 4, {"overlap": True, "block_kv": 64}),
+          ("d=128 G=4 overlap block_kv=128", 128, 4, {"overlap": True}),
+          ("d=128 G=1 overlap block_kv=64", 128, 1, {"overlap": True, "block_kv": 64}),
+          ("d=256 G=4 overlap", 256, 4, {"overlap": True}),
       ],
   }
 
