@@ -50,8 +50,7 @@ def _inputs(seed, q_len, kv_len, heads, k_heads, v_heads, r, dv, dtype):
 # backward "table" = the tile table's choice, "fused" / "split" = forced one-kernel
 # (dQ by float32 reduce-add) / two-kernel backward.
 CASES = [
-    (128, 128, False, jnp.bfloat16, 4, 4, 4, 1000, 1000, "table"),
-    (128, 128, True, jnp.bfloat16, 4, 2, 2, 1000, 1000, "table"),
+    (128, 128, False, jnp.bfloat16, 4, 2, 2, 1000, 1000, "table"),
     (64, 128, False, jnp.float16, 4, 4, 2, 1000, 777, "table"),
     (64, 128, True, jnp.bfloat16, 4, 4, 2, 777, 1000, "split"),
     (32, 128, True, jnp.bfloat16, 4, 4, 2, 4096, 4096, "table"),
@@ -167,7 +166,7 @@ def test_k_fused_per_grouping_block(r, dv, causal, dtype, heads, k_heads, v_head
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("block_kv", [64, 128])
+@pytest.mark.parametrize("block_kv", [64])
 def test_forward_overlap_variant(block_kv):
   """Tiles.overlap (FA3 intra-warpgroup overlap), causal with a ragged last kv tile."""
   q, k, v, _ = _inputs(5 + block_kv, 1000, 900, 4, 4, 2, 32, 128, jnp.bfloat16)
