@@ -22,9 +22,7 @@ from distrattention_jax import grouping
 from distrattention_jax import lsh
 from distrattention_jax import reference
 
-
-def _normal(rng, shape):
-  return jnp.asarray(rng.standard_normal(shape, np.float32))
+from conftest import normal as _normal
 
 
 # ----------------------------------------------------------------------------------------
