@@ -108,7 +108,7 @@ def test_grad_matches_reference(group_size, representative):
     assert np.abs(np.asarray(g)).max() > 1e-3, name  # not trivially zero
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
 
-  # The representative rule of DESIGN.md: with "sample", only the first column of each
+  # The representative rule of docs/DESIGN.md section 1: with "sample", only the first column of each
   # group gets a gradient in its block; with "mean", every member gets the same 1/G share.
   if group_size == 1:
     return
@@ -297,3 +297,29 @@ def test_config_validate_accepts_defaults_and_checks_head_dim():
     grouping.block_permutations(_Q, block_q=8, group_size=2, grouping="kmeans")
   with pytest.raises(ValueError, match=r"representative must be"):
     grouping.rep_weights(jnp.arange(4)[None], 2, "first")
+
+
+def test_config_is_keyword_only_and_names_backends():
+  with pytest.raises(TypeError):
+    config.DistrConfig(2, 64)  # pylint: disable=too-many-function-args
+  assert config.DistrConfig(implementation="pallas").validate().implementation == "pallas"
+  with pytest.raises(ValueError, match=r"implementation must be None or one of .*'triton'"):
+    config.DistrConfig(implementation="cuda").validate()
+
+
+def test_implementation_aliases_give_the_same_result():
+  q, k, v = _qkv(3, 1, 32, 32, 2, 2, 32)
+  kw = dict(group_size=2, block_q=16, is_causal=True)
+  np.testing.assert_array_equal(
+      attention.distr_attention(q, k, v, implementation="pallas_interpret", **kw),
+      attention.distr_attention(q, k, v, implementation="triton_interpret", **kw))
+
+
+def test_masks_is_a_pytree():
+  masks = config.Masks(is_causal=True, q_lengths=jnp.array([3]), kv_lengths=jnp.array([2]))
+  leaves, tree = jax.tree.flatten(masks)
+  assert len(leaves) == 2
+  again = jax.tree.unflatten(tree, leaves)
+  assert again.is_causal and again.mask is None
+  out = jax.jit(lambda m: m.dense(4, 3))(masks)
+  assert out.shape == (1, 1, 4, 3)

@@ -3,7 +3,7 @@
 * `exact_attention` and `distr_attention(group_size=1, implementation="xla")` equal
   `jax.nn.dot_product_attention(implementation="xla")` over ragged lengths, causal,
   boolean masks, segment ids, sequence lengths, GQA and head dims 32..256.
-* `distr_attention_reference` equals an independent NumPy transcription of DESIGN.md
+* `distr_attention_reference` equals an independent NumPy transcription of docs/DESIGN.md
   section 1 with explicit loops over batch, head, block and group.
 * The identity `Q_rep K_fused^T == Q_exp K^T` that the XLA path and the backward rely on.
 
