@@ -64,3 +64,13 @@ def assert_close(x, y, tol):
     np.testing.assert_allclose(x, y, **tol)
   else:
     assert rel_error(x, y) < tol, rel_error(x, y)
+
+
+def random_inputs(seed, batch, q_len, kv_len, heads, kv_heads, d, dtype=jnp.bfloat16):
+  """Random normal (q, k, v) drawn on the device (jax.random: no host transfer of large
+  arrays) and a spare PRNG key."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (batch, q_len, heads, d), dtype)
+  k = jax.random.normal(ks[1], (batch, kv_len, kv_heads, d), dtype)
+  v = jax.random.normal(ks[2], (batch, kv_len, kv_heads, d), dtype)
+  return q, k, v, ks[3]
