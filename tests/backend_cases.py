@@ -73,6 +73,11 @@ class BackendTestBase:
   def call(self, q, k, v, **kw):
     return dj.distr_attention(q, k, v, implementation=self.implementation, **kw)
 
+  def jit_call(self, **kw):
+    """The backend's call with options `kw` (arrays included), jitted: one compile, not
+    one per primitive."""
+    return jax.jit(lambda q, k, v: self.call(q, k, v, **kw))
+
   def kwargs(self, options, q_len, kv_len):
     kw = {"is_causal": options.get("is_causal", False)}
     if options.get("segments"):
@@ -86,12 +91,13 @@ class BackendTestBase:
     """The permutations `distr_attention` computes (greedy, with its padding rows)."""
     lengths = kw.get("query_seq_lengths")
     valid = None if lengths is None else jnp.arange(q.shape[1])[None] < lengths[:, None]
-    return grouping.block_permutations(q, block_q=kw["block_q"], group_size=kw["group_size"],
-                                       query_valid=valid)
+    return jax.jit(functools.partial(grouping.block_permutations, block_q=kw["block_q"],
+                                     group_size=kw["group_size"]))(q, query_valid=valid)
 
   def reference(self, q, k, v, perm, **kw):
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
-    return dj.distr_attention_reference(*f32, perm=perm, **kw)
+    return jax.jit(lambda q, k, v, perm: dj.distr_attention_reference(
+        q, k, v, perm=perm, **kw))(*f32, perm)
 
   def skip_or_refuse(self, options, kw, q, k, v):
     """For options the backend lacks: check the refusal and return True."""
@@ -113,7 +119,7 @@ class BackendTestBase:
               **self.kwargs(options, q_len, kv_len))
     if self.skip_or_refuse(options, kw, q, k, v):
       return
-    out = jax.jit(functools.partial(self.call, **kw))(q, k, v)
+    out = self.jit_call(**kw)(q, k, v)
     ref = self.reference(q, k, v, self.perm(q, kw), **kw)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert_close(out, ref, self.fwd_tol)
@@ -140,7 +146,7 @@ class BackendTestBase:
     ref = jax.grad(functools.partial(loss, functools.partial(
         dj.distr_attention_reference, perm=perm, **kw)), argnums=(0, 1, 2))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    for a, b in zip(jax.jit(ours)(q, k, v), ref(*f32)):
+    for a, b in zip(jax.jit(ours)(q, k, v), jax.jit(ref)(*f32)):
       assert a.dtype == q.dtype
       assert_close(a, b, self.grad_tol)
 
@@ -157,7 +163,7 @@ class BackendTestBase:
       return
     if dtype == jnp.float32 and self.dtype == jnp.float32:
       pytest.skip("float32 is the main cases' dtype")
-    out = self.call(q, k, v, **kw)
+    out = self.jit_call(**kw)(q, k, v)
     assert out.dtype == dtype
     ref = self.reference(q, k, v, self.perm(q, kw), **kw)
     tol = self.low_precision_tol.get(dtype, self.fwd_tol)
@@ -170,7 +176,7 @@ class BackendTestBase:
     kw = dict(group_size=2, block_q=16, mask=mask, is_causal=True)
     if self.skip_or_refuse({"mask": True}, kw, q, k, v):
       return
-    out = self.call(q, k, v, **kw)
+    out = self.jit_call(**kw)(q, k, v)
     assert_close(out, self.reference(q, k, v, self.perm(q, kw), **kw), self.fwd_tol)
     assert np.all(np.asarray(out[0, 3]) == 0)
 
@@ -189,12 +195,15 @@ class BackendTestBase:
     for masks, settings in variants:
       for g, bq in settings:
         f = functools.partial(self.call, group_size=g, block_q=bq, **masks)
-        out = f(q, k, v)
+
+        def loss(q, k, v, f=f):
+          out = f(q, k, v)
+          return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+        grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         assert np.all(np.asarray(out[:, 30:]) == 0)
         if "key_value_seq_lengths" in masks and self.batch > 1:
           assert np.all(np.asarray(out[1]) == 0)
-        grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2),  # noqa: B023
-                         argnums=(0, 1, 2))(q, k, v)
         assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in grads)
         assert np.all(np.asarray(grads[0][:, 30:]) == 0)
 
@@ -205,14 +214,20 @@ class BackendTestBase:
       pytest.skip("no segment_ids")
     lo = np.iinfo(np.int32).min
     q, k, v = qkv(17, self.batch, 48, 40, 2, 2, 32, 32, self.dtype)
-    for ids in ((lo, lo), (lo + 1, lo + 1), (lo, lo + 1)):
+    lengths = dict(query_seq_lengths=jnp.array([48, 20][:self.batch]),
+                   key_value_seq_lengths=jnp.array([40, 25][:self.batch]))
+    kw = dict(group_size=2, block_q=16, **lengths)
+    ours = jax.jit(lambda q, k, v, seg: self.call(q, k, v, segment_ids=seg, **kw))
+    ref = jax.jit(lambda q, k, v, seg, perm: dj.distr_attention_reference(
+        q, k, v, segment_ids=seg, perm=perm, **kw))
+    perm = self.perm(q, kw)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    # int32 min (a padding row's id in the Triton folding) and min + 1 (a padding key's).
+    for ids in ((lo, lo), (lo + 1, lo + 1)):
       q_seg = jnp.full((self.batch, 48), ids[0], jnp.int32).at[:, 40:].set(ids[1])
       kv_seg = jnp.full((self.batch, 40), ids[1], jnp.int32).at[:, :10].set(ids[0])
-      kw = dict(group_size=2, block_q=16, segment_ids=(q_seg, kv_seg),
-                query_seq_lengths=jnp.array([48, 20][:self.batch]),
-                key_value_seq_lengths=jnp.array([40, 25][:self.batch]))
-      out = self.call(q, k, v, **kw)
-      assert_close(out, self.reference(q, k, v, self.perm(q, kw), **kw), self.fwd_tol)
+      out = ours(q, k, v, (q_seg, kv_seg))
+      assert_close(out, ref(*f32, (q_seg, kv_seg), perm), self.fwd_tol)
       if self.batch > 1:
         assert np.all(np.asarray(out[1, 20:]) == 0)
 
@@ -222,7 +237,7 @@ class BackendTestBase:
     fn = functools.partial(self.call, group_size=2, block_q=16, is_causal=True)
     stacked = [x.reshape(2, self.batch, *x.shape[1:]) for x in (q, k, v)]
     out = jax.jit(jax.vmap(fn))(*stacked).reshape(q.shape[0], 48, 2, 32)
-    assert_close(out, fn(q, k, v), self.fwd_tol)
+    assert_close(out, jax.jit(fn)(q, k, v), self.fwd_tol)
     loss = lambda f: (lambda q: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2))  # noqa: E731
     g1 = jax.jit(jax.grad(loss(jax.checkpoint(fn))))(q)
     value, g2 = jax.jit(jax.value_and_grad(loss(fn)))(q)
@@ -237,5 +252,5 @@ class BackendTestBase:
       with pytest.raises(NotImplementedError, match=self.not_supported_match["small_block_q"]):
         self.call(q, k, v, **kw)
       return
-    out = self.call(q, k, v, **kw)
+    out = self.jit_call(**kw)(q, k, v)
     assert_close(out, self.reference(q, k, v, self.perm(q, kw), **kw), self.fwd_tol)

@@ -323,3 +323,24 @@ def test_masks_is_a_pytree():
   assert again.is_causal and again.mask is None
   out = jax.jit(lambda m: m.dense(4, 3))(masks)
   assert out.shape == (1, 1, 4, 3)
+
+
+def test_greedy_kernel_only_for_gpu_kernel_backends(monkeypatch):
+  """implementation="xla" (and the interpreter) never ask for the Pallas grouping kernel;
+  the GPU kernel backends do."""
+  from distrattention_jax import backends  # pylint: disable=import-outside-toplevel
+  seen = []
+  original = grouping.block_permutations
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs.get("use_kernel"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(grouping, "block_permutations", recording)
+  q, k, v = _qkv(0, 1, 32, 32, 2, 2, 16)
+  for impl in ("xla", "triton_interpret"):
+    attention.distr_attention(q, k, v, group_size=2, block_q=16, implementation=impl)
+  assert seen == [False, False]
+  assert backends.get("cudnn").uses_grouping_kernel
+  assert backends.get("triton").uses_grouping_kernel
+  assert not backends.get("xla").uses_grouping_kernel
