@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from benchmarks import timing
 import distrattention_jax as dj
 from distrattention_jax import config, grouping
-from pallas_kernels import ops
+from distrattention_jax.backends import triton as triton_backend
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -44,18 +44,17 @@ def main(argv=None):
       psets = [(q, k, v, perm_fn(q, k, v)) for q, k, v in sets]
       tp = functools.partial(timing.time_fn, input_sets=psets, warmup=3, reps=30,
                              min_time_s=0.5)
-      if bq >= ops.FUSED_MIN_BLOCK_Q:
+      def reduction(perm):
+        return grouping.HeadReduction.from_permutation(perm, group_size=g, block_q=bq)
+      if bq >= triton_backend.FUSED_MIN_BLOCK_Q:
         prep = jax.jit(lambda q, k, v, perm: (
-            grouping.query_representatives(q, perm, g, bq, "mean"),
-            grouping.fuse_keys(k, perm, g)))
+            reduction(perm).q_rep(q), reduction(perm).k_fused_blocks(k)))
       else:
         prep = jax.jit(lambda q, k, v, perm: (
-            grouping.query_representatives(q, perm, g, bq, "mean"),
-            grouping.member_indices(perm, g)))
+            reduction(perm).q_rep(q), reduction(perm).member_indices()))
       t_prep = tp(prep)
-      kernel_only = jax.jit(lambda q, k, v, perm: ops.distr_attention_pallas(
-          q, k, v, perm, masks, group_size=g, block_q=bq, representative="mean",
-          scale=args.d ** -0.5))
+      kernel_only = jax.jit(lambda q, k, v, perm: triton_backend.distr_attention_triton(
+          q, k, v, reduction(perm), masks, scale=args.d ** -0.5))
       t_kernel_prep = tp(kernel_only)
       full = jax.jit(functools.partial(dj.distr_attention, group_size=g, block_q=bq,
                                        grouping=args.grouping, implementation="pallas"))

@@ -1,7 +1,7 @@
 """Time of the grouping step alone vs the DistrAttention forward at the same shape.
 
 Groupings: "lsh", "greedy" (on a GPU its steps run in one Pallas kernel,
-`pallas_kernels.greedy`) and "greedy-xla" (the same steps as XLA ops, for comparison).
+`pallas_kernels/triton/greedy.py`) and "greedy-xla" (the same steps as XLA ops, for comparison).
 The forward is `distr_attention` with the default implementation (cuDNN on a GPU) and
 that grouping; block_q 0 stands for one grouping per sequence (block_q = N).
 

@@ -1,7 +1,7 @@
 """Sweeps kernel tile sizes on the GPU and prints the best per (layout, d, G).
 
 python -m benchmarks.tune --out benchmarks/results/tune.json
-The winners go into pallas_kernels/tiles.py (TABLE), with the device and date.
+The winners go into pallas_kernels/triton/tiles.py (TABLE), with the device and date.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from benchmarks import timing
 import distrattention_jax as dj
 from distrattention_jax import config, grouping
-from pallas_kernels import ops, tiles as tiles_lib
+from distrattention_jax.backends import triton as triton_backend
+from pallas_kernels.triton import tiles as tiles_lib
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -51,13 +52,15 @@ def main(argv=None):
       for bm, bk, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         grid.append(tiles_lib.Tiles(block_m=bm, block_k=bk, num_warps=w, num_stages=s))
     for t in grid:
-      if g > 1 and bq < ops.FUSED_MIN_BLOCK_Q and t.block_m != min(bq, 128) and not args.backward:
+      if g > 1 and bq < triton_backend.FUSED_MIN_BLOCK_Q and t.block_m != min(bq, 128) and not args.backward:
         continue  # the gather layout's query tile is the grouping block
 
       def fn(q, k, v, t=t):
-        perm = None if g == 1 else grouping.block_permutations(q, block_q=bq, group_size=g)
-        return ops.distr_attention_pallas(q, k, v, perm, masks, group_size=g, block_q=bq,
-                                          representative="mean", scale=d ** -0.5, tiles=t)
+        reduction = None if g == 1 else grouping.HeadReduction.from_permutation(
+            grouping.block_permutations(q, block_q=bq, group_size=g), group_size=g,
+            block_q=bq)
+        return triton_backend.distr_attention_triton(q, k, v, reduction, masks,
+                                                     scale=d ** -0.5, tiles=t)
       f = timing.loss_grad(fn) if args.backward else jax.jit(fn)
       try:
         ms = timing.time_fn(f, sets, warmup=3, reps=20, min_time_s=0.25)

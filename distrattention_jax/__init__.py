@@ -5,13 +5,14 @@ from distrattention_jax.config import DistrConfig
 from distrattention_jax.flax_layers import (DistrMultiHeadAttention,
                                             DistrMultiHeadDotProductAttention,
                                             make_attention_fn)
-from distrattention_jax.grouping import block_permutations
+from distrattention_jax.grouping import HeadReduction, block_permutations
 from distrattention_jax.reference import distr_attention_reference, exact_attention
 
 __all__ = [
     "DistrConfig",
     "DistrMultiHeadAttention",
     "DistrMultiHeadDotProductAttention",
+    "HeadReduction",
     "make_attention_fn",
     "block_permutations",
     "distr_attention",

@@ -1,61 +1,15 @@
-"""The public function: validate, group the head dimension, dispatch to a backend."""
+"""The public function: validate, group the head dimension, select a backend, call it."""
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 
+from distrattention_jax import backends
 from distrattention_jax import config as config_lib
-from distrattention_jax import cudnn as cudnn_lib
 from distrattention_jax import grouping as grouping_lib
 from distrattention_jax import sharding as sharding_lib
-from distrattention_jax import xla as xla_lib
-
-
-def _resolve_implementation(implementation, masks: config_lib.Masks, query, value) -> str:
-  """The backend to run: the user's choice checked, or the fastest that fits (None).
-
-  None on a GPU picks cuDNN when it takes the options (measured fastest on an H100,
-  README "Results"), else our Pallas kernels, else XLA; off a GPU, XLA.
-  """
-  if implementation is not None and implementation not in config_lib.IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be None or one of {config_lib.IMPLEMENTATIONS}, got "
-        f"{implementation!r}")
-  dtype, head_dim, value_dim = query.dtype, query.shape[-1], value.shape[-1]
-  gpu = jax.default_backend() == "gpu"
-  if implementation is None:
-    if gpu and cudnn_lib.supports(masks, dtype, head_dim, value_dim) is None:
-      return "cudnn"
-    from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
-    if gpu and pallas_ops.supports(masks, dtype) is None:
-      return "pallas"
-    return "xla"
-  if implementation == "cudnn":
-    reason = cudnn_lib.supports(masks, dtype, head_dim, value_dim)
-    if reason is not None:
-      raise NotImplementedError(
-          f"implementation='cudnn' does not support {reason}; use implementation="
-          "'pallas' or 'xla' (or None to choose automatically)")
-    if not gpu:
-      raise ValueError(
-          "implementation='cudnn' needs a GPU backend (jax.default_backend() is "
-          f"{jax.default_backend()!r}); use 'xla' or 'pallas_interpret' on a CPU")
-  if implementation in ("pallas", "pallas_interpret"):
-    from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
-    reason = pallas_ops.supports(masks, dtype)
-    if reason is not None:
-      raise NotImplementedError(
-          f"implementation={implementation!r} does not support {reason}; use "
-          "implementation='xla' (or None to choose automatically)")
-    if implementation == "pallas" and not gpu:
-      raise ValueError(
-          "implementation='pallas' needs a GPU backend (jax.default_backend() is "
-          f"{jax.default_backend()!r}); use 'pallas_interpret' to run the kernels on a "
-          "CPU, or 'xla'")
-  return implementation
 
 
 def distr_attention(
@@ -80,10 +34,10 @@ def distr_attention(
 ) -> jax.Array:
   """DistrAttention: softmax attention with `Q K^T` contracted over `d / group_size`.
 
-  Per block of `block_q` query rows, the `d` head-dim columns are grouped (by LSH by
-  default); each group keeps one representative column of Q and the sum of its K
-  columns, so scores cost `d / group_size` instead of `d` per key while every key is
-  still attended and V is used in full. `group_size=1` is exact attention.
+  Per block of `block_q` query rows, the `d` head-dim columns are grouped (by exact
+  column distance by default, "greedy"); each group keeps one representative column of
+  Q and the sum of its K columns, so scores cost `d / group_size` instead of `d` per key
+  while every key is still attended and V is used in full. `group_size=1` is exact attention.
 
   Args:
     query: `[batch, q_len, heads, d]`.
@@ -108,11 +62,14 @@ def distr_attention(
       keys of their own segment only.
     query_seq_lengths, key_value_seq_lengths: int `[batch]`; positions at or past the
       length are padding (padding query rows return 0 and do not affect the grouping).
-    implementation: None (fastest available: on a GPU "cudnn" when it supports the
-      options, else "pallas"; "xla" elsewhere), "xla", "cudnn" (the grouping in XLA,
-      attention in cuDNN's fused kernels; with one grouping per sequence the score
-      product is d/G wide), "pallas" (our Triton kernels, GPU) or "pallas_interpret"
-      (the same kernels in the Pallas interpreter, any backend).
+    implementation: None (the first backend of `backends.REGISTRY`, in preference order,
+      that supports the options on this platform: on a GPU "cudnn", else "triton";
+      "xla" elsewhere), "xla", "cudnn" (the grouping in XLA, attention in cuDNN's fused
+      kernels; with one grouping per sequence the score product is d/G wide), "triton"
+      (our Pallas Triton kernels, GPU) or "triton_interpret" (the same kernels in the
+      Pallas interpreter, any platform). "pallas" and "pallas_interpret" are aliases of
+      "triton" and "triton_interpret". "xla" runs no Pallas code (greedy grouping
+      included).
     sharding: how `query` is sharded, a `NamedSharding` over its BTNH axes. Batch and
       head axes may be sharded (key/value alike, over their kv heads): the computation
       then runs per shard under `jax.shard_map`, with no all-gather of q/k/v. Sharding
@@ -126,43 +83,21 @@ def distr_attention(
       query, key, value, scale=scale, is_causal=is_causal, mask=mask,
       segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths)
-  cfg = config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
-                               seed).validate(query.shape[-1])
-  implementation = _resolve_implementation(implementation, masks, query, value)
-  scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-  run = functools.partial(_distr_attention, cfg=cfg, implementation=implementation,
-                          scale=scale, is_causal=masks.is_causal)
-  arrays = (query, key, value, masks.mask, masks.q_segment_ids, masks.kv_segment_ids,
-            masks.q_lengths, masks.kv_lengths)
+  cfg = config_lib.DistrConfig(
+      group_size=group_size, block_q=block_q, num_projs=num_projs,
+      representative=representative, grouping=grouping, seed=seed,
+      implementation=implementation).validate(query.shape[-1])
+  problem = backends.Problem.from_call(query, key, value, masks, cfg, scale)
+  backend = backends.select(cfg.implementation, problem)
+  run = functools.partial(_distr_attention, backend=backend, problem=problem)
   if sharding is None:
-    return run(*arrays)
-  return sharding_lib.shard_over_batch_and_heads(run, sharding, arrays)
+    return run(query, key, value, masks)
+  return sharding_lib.shard_over_batch_and_heads(run, sharding, query, key, value, masks)
 
 
-def _distr_attention(query, key, value, mask, q_segment_ids, kv_segment_ids, q_lengths,
-                     kv_lengths, *, cfg, implementation, scale, is_causal):
+def _distr_attention(query, key, value, masks, *, backend, problem):
   """Everything after validation, on whole arrays or on one shard of them."""
-  masks = config_lib.Masks(is_causal=is_causal, mask=mask, q_segment_ids=q_segment_ids,
-                           kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
-                           kv_lengths=kv_lengths)
-  q_len, kv_len = query.shape[1], key.shape[1]
-  perm = None
-  if cfg.group_size > 1:
-    perm = grouping_lib.block_permutations(
-        query, block_q=cfg.block_q, group_size=cfg.group_size, grouping=cfg.grouping,
-        num_projs=cfg.num_projs, seed=cfg.seed, query_valid=masks.query_valid(q_len))
-
-  if implementation == "xla":
-    return xla_lib.distr_attention_xla(
-        query, key, value, perm, group_size=cfg.group_size, block_q=cfg.block_q,
-        representative=cfg.representative, scale=scale,
-        allowed=masks.dense(q_len, kv_len))
-  if implementation == "cudnn":
-    return cudnn_lib.distr_attention_cudnn(
-        query, key, value, perm, masks, group_size=cfg.group_size, block_q=cfg.block_q,
-        representative=cfg.representative, scale=scale)
-  from pallas_kernels import ops as pallas_ops  # pylint: disable=import-outside-toplevel
-  return pallas_ops.distr_attention_pallas(
-      query, key, value, perm, masks, group_size=cfg.group_size, block_q=cfg.block_q,
-      representative=cfg.representative, scale=scale,
-      interpret=implementation == "pallas_interpret")
+  reduction = grouping_lib.reduce_heads(
+      query, key, problem.config, query_valid=masks.query_valid(query.shape[1]),
+      key_valid=masks.key_valid(key.shape[1]), use_kernel=backend.uses_grouping_kernel)
+  return backend(query, key, value, reduction, masks, problem)

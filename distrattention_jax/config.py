@@ -1,4 +1,4 @@
-"""Validation and normalisation of `distr_attention`'s arguments.
+"""The one option list (`DistrConfig`), the normalised masks (`Masks`), and validation.
 
 Everything a user can get wrong is checked here, before any work, with an error that
 names the argument and what is allowed. Nothing is silently ignored or changed.
@@ -12,17 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distrattention_jax import grouping as grouping_lib
 from distrattention_jax import lsh
 
 REPRESENTATIVES = ("mean", "sample")
-GROUPINGS = ("lsh", "greedy", "random")
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DistrConfig:
-  """Static DistrAttention options (hashable, so it can be a jit static argument)."""
+  """Static DistrAttention options, the one list of them (hashable: a jit static argument).
+
+  Built by keyword only. `distr_attention`, the Flax layers and the examples take these
+  fields by name; `docs/DESIGN.md` section 3 explains each. `implementation` names a
+  backend of `distrattention_jax.backends` (None: the first in the registry's preference
+  order that supports the call on this platform).
+  """
 
   group_size: int = 2
   block_q: int = 64
@@ -30,6 +35,11 @@ class DistrConfig:
   representative: str = "mean"
   grouping: str = "greedy"
   seed: int = 0
+  implementation: str | None = None
+
+  @classmethod
+  def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
   def validate(self, head_dim: int | None = None) -> "DistrConfig":
     _check_power_of_two("group_size", self.group_size)
@@ -46,10 +56,16 @@ class DistrConfig:
     if self.representative not in REPRESENTATIVES:
       raise ValueError(
           f"representative must be one of {REPRESENTATIVES}, got {self.representative!r}")
-    if self.grouping not in GROUPINGS:
-      raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+    groupings = grouping_lib.grouping_names()
+    if self.grouping not in groupings:
+      raise ValueError(f"grouping must be one of {groupings}, got {self.grouping!r}")
     if not isinstance(self.seed, (int, np.integer)):
       raise ValueError(f"seed must be a Python int, got {type(self.seed).__name__}")
+    from distrattention_jax import backends  # pylint: disable=import-outside-toplevel
+    if self.implementation is not None and self.implementation not in backends.names():
+      raise ValueError(
+          f"implementation must be None or one of {backends.names()}, got "
+          f"{self.implementation!r}")
     return self
 
 
@@ -59,9 +75,13 @@ def _check_power_of_two(name: str, value) -> None:
     raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {value!r}")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Masks:
   """Everything that restricts which keys a query attends, normalised.
+
+  A pytree: the arrays are its children and `is_causal` static data, so it passes
+  through `jit`, `shard_map` and `custom_vjp` as one argument.
 
   Attributes:
     is_causal: query i attends key j only if j <= i (top-left aligned, as
@@ -73,7 +93,7 @@ class Masks:
       or None. Padding query rows produce zeros.
   """
 
-  is_causal: bool = False
+  is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
   mask: jax.Array | None = None
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
@@ -85,6 +105,12 @@ class Masks:
     if self.q_lengths is None:
       return None
     return jnp.arange(q_len)[None, :] < self.q_lengths[:, None]
+
+  def key_valid(self, kv_len: int) -> jax.Array | None:
+    """bool `[batch, kv_len]`: False for padding keys (past `kv_lengths`), or None."""
+    if self.kv_lengths is None:
+      return None
+    return jnp.arange(kv_len)[None, :] < self.kv_lengths[:, None]
 
   def dense(self, q_len: int, kv_len: int) -> jax.Array | None:
     """bool `[B|1, H|1, q_len, kv_len]` combining every restriction, or None if none."""

@@ -2,13 +2,17 @@
 
     attn = DistrMultiHeadDotProductAttention(num_heads=8, group_size=2)     # linen
     attn = DistrMultiHeadAttention(8, 512, group_size=2, rngs=nnx.Rngs(0))  # NNX
+    attn = DistrMultiHeadAttention(8, 512, config=DistrConfig(group_size=4), rngs=...)
 
-Both subclass Flax's own modules and only replace `attention_fn`, so their parameter
+Each takes a `config: DistrConfig` and, as keyword arguments, any of DistrConfig's fields
+(which override the config's); the fields are forwarded by name, never restated here.
+Both modules subclass Flax's own and only replace `attention_fn`, so their parameter
 trees are identical to Flax's and checkpoints load unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -24,25 +28,35 @@ _IGNORED_IF_NONE = ("qk_attn_weights_einsum", "attn_weights_value_einsum",
                     "einsum_dot_general")
 
 
-def make_attention_fn(*, group_size: int = 2, block_q: int = 64, num_projs: int = 16,
-                      representative: str = "mean", grouping: str = "greedy", seed: int = 0,
-                      implementation: str | None = None, is_causal: bool = False,
-                      sharding: jax.sharding.NamedSharding | None = None):
+def _config(config: config_lib.DistrConfig | None, options: dict[str, Any]):
+  """`config` (default DistrConfig()) with `options` (DistrConfig fields) replaced."""
+  fields = config_lib.DistrConfig.field_names()
+  unknown = sorted(set(options) - set(fields))
+  if unknown:
+    raise TypeError(f"unexpected DistrAttention options {unknown}; DistrConfig's fields "
+                    f"are {fields}")
+  if config is not None and not isinstance(config, config_lib.DistrConfig):
+    raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
+  return dataclasses.replace(config or config_lib.DistrConfig(), **options).validate()
+
+
+def make_attention_fn(config: config_lib.DistrConfig | None = None, *,
+                      is_causal: bool = False,
+                      sharding: jax.sharding.NamedSharding | None = None, **options):
   """An `attention_fn` for `nn.MultiHeadDotProductAttention` / `nnx.MultiHeadAttention`.
 
-  The returned function takes Flax's arguments (`query [batch..., q_len, heads, d]`,
-  key, value, `mask [batch..., heads|1, q_len, kv_len]`, dropout and dtype options) and
-  runs `distr_attention` with the options given here. `is_causal=True` applies a causal
-  mask without materialising it (so the Pallas kernels can run); Flax masks are dense
-  and go through the XLA path when `implementation=None`. Attention dropout in training
-  mode, an additive `bias` and sowing attention weights raise NotImplementedError
+  `config` holds DistrAttention's options; `options` are DistrConfig fields by keyword
+  (`group_size=2`, ...) that replace the config's. The returned function takes Flax's
+  arguments (`query [batch..., q_len, heads, d]`, key, value,
+  `mask [batch..., heads|1, q_len, kv_len]`, dropout and dtype options) and runs
+  `distr_attention` with those options. `is_causal=True` applies a causal mask without
+  materialising it (so the Pallas kernels can run); Flax masks are dense and go through
+  the XLA path when `implementation=None`. Attention dropout in training mode, an
+  additive `bias` and sowing attention weights raise NotImplementedError
   (DistrAttention never forms the weights).
   """
-  config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
-                         seed).validate()
-  options = dict(group_size=group_size, block_q=block_q, num_projs=num_projs,
-                 representative=representative, grouping=grouping, seed=seed,
-                 implementation=implementation, sharding=sharding)
+  cfg = _config(config, options)
+  options = dict(dataclasses.asdict(cfg), sharding=sharding)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -86,38 +100,50 @@ def make_attention_fn(*, group_size: int = 2, block_q: int = 64, num_projs: int 
   return attention_fn
 
 
-class DistrMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
-  """`nn.MultiHeadDotProductAttention` with DistrAttention inside (same parameters)."""
+def _linen_post_init(self):
+  options = {name: getattr(self, name) for name in config_lib.DistrConfig.field_names()
+             if getattr(self, name) is not None}
+  object.__setattr__(self, "attention_fn", make_attention_fn(
+      _config(self.config, options), is_causal=self.causal, sharding=self.sharding))
+  nn.MultiHeadDotProductAttention.__post_init__(self)
 
-  group_size: int = 2
-  block_q: int = 64
-  num_projs: int = 16
-  representative: str = "mean"
-  grouping: str = "greedy"
-  seed: int = 0
-  implementation: str | None = None
-  causal: bool = False
-  sharding: Any = None  # NamedSharding of the [batch, len, heads, d] query, if sharded
 
-  def __post_init__(self):
-    object.__setattr__(self, "attention_fn", make_attention_fn(
-        group_size=self.group_size, block_q=self.block_q, num_projs=self.num_projs,
-        representative=self.representative, grouping=self.grouping, seed=self.seed,
-        implementation=self.implementation, is_causal=self.causal,
-        sharding=self.sharding))
-    super().__post_init__()
+def _linen_namespace(doc: str) -> dict[str, Any]:
+  """Fields `config`, `causal`, `sharding` and every DistrConfig field (default None:
+  take the config's), generated from DistrConfig so no option is restated here."""
+  annotations = {"config": Any, "causal": bool, "sharding": Any}
+  namespace = {"config": None, "causal": False, "sharding": None}
+  for name in config_lib.DistrConfig.field_names():
+    annotations[name] = Any
+    namespace[name] = None
+  return dict(namespace, __annotations__=annotations, __doc__=doc, __module__=__name__,
+              __post_init__=_linen_post_init)
+
+
+DistrMultiHeadDotProductAttention = type(
+    "DistrMultiHeadDotProductAttention", (nn.MultiHeadDotProductAttention,),
+    _linen_namespace(
+        """`nn.MultiHeadDotProductAttention` with DistrAttention inside (same parameters).
+
+        Extra fields: `config` (a DistrConfig; None: the defaults), every DistrConfig
+        field by name (`group_size=2`, ...; None: the config's), `causal` and `sharding`
+        (the NamedSharding of the [batch, len, heads, d] query, if sharded).
+        """))
 
 
 class DistrMultiHeadAttention(nnx.MultiHeadAttention):
-  """`nnx.MultiHeadAttention` with DistrAttention inside (same state)."""
+  """`nnx.MultiHeadAttention` with DistrAttention inside (same state).
 
-  def __init__(self, *args, group_size: int = 2, block_q: int = 64, num_projs: int = 16,
-               representative: str = "mean", grouping: str = "greedy", seed: int = 0,
-               implementation: str | None = None, causal: bool = False,
-               sharding: jax.sharding.NamedSharding | None = None, **kwargs):
+  Takes `config` (a DistrConfig), any DistrConfig field by keyword, `causal` and
+  `sharding`; every other argument goes to `nnx.MultiHeadAttention`.
+  """
+
+  def __init__(self, *args, config: config_lib.DistrConfig | None = None,
+               causal: bool = False, sharding: jax.sharding.NamedSharding | None = None,
+               **kwargs):
     if "attention_fn" in kwargs:
       raise ValueError("DistrMultiHeadAttention sets attention_fn itself")
+    options = {name: kwargs.pop(name) for name in config_lib.DistrConfig.field_names()
+               if name in kwargs}
     super().__init__(*args, attention_fn=make_attention_fn(
-        group_size=group_size, block_q=block_q, num_projs=num_projs,
-        representative=representative, grouping=grouping, seed=seed,
-        implementation=implementation, is_causal=causal, sharding=sharding), **kwargs)
+        _config(config, options), is_causal=causal, sharding=sharding), **kwargs)

@@ -1,23 +1,62 @@
-"""Column grouping per query block, and the linear maps it induces.
+"""The grouping step: which head-dim columns share a score term, per query block.
 
-`block_permutations` decides, per block of `block_q` query rows, which head-dim columns
-form a group (DESIGN.md steps 2-3). The other functions turn a permutation into the
-matrices that implement step 4 as small matmuls:
+`reduce_heads` is the one grouping step of `distr_attention`. It returns a
+`HeadReduction` (or None for `group_size == 1`), the one object every backend consumes.
+A reduction holds, per (batch, head, query block), two `[d, r]` maps (`r = d / G`):
 
-* `membership`   M  `[..., d, d/G]`: `M[c, g] = 1` iff column c is in group g, so
-  `K_fused = K @ M` (the sum of each group's key columns).
-* `rep_weights`  W  `[..., d, d/G]`: `Q_rep = Q @ W` ("mean": `M / G`; "sample": the
-  one-hot of each group's first column).
-* `Q_exp = Q_rep @ M^T` puts each representative back into every column of its group, so
-  `Q_rep K_fused^T == Q_exp K^T` (the identity the backward and the XLA path rely on).
+* `q_map`: `Q_rep = Q_block @ q_map` (the group representatives),
+* `k_map`: `K_fused = K @ k_map` (for a permutation grouping, the sum of each group's key
+  columns),
+
+so the scores `Q_rep K_fused^T = Q (q_map k_map^T) K^T`, and `Q_exp = Q q_map k_map^T`
+gives exact attention at `Q_exp` the same scores (docs/DESIGN.md section 1).
+
+Two kinds of grouping fill it:
+
+* permutation groupings ("greedy", "lsh", "random"): `perm [B, H, nb, d]`, consecutive
+  runs of G entries form the groups; the maps are built from it on demand
+  (`membership`, `rep_weights`), and kernels that gather K's columns in place read
+  `member_indices()`.
+* dense groupings (`DENSE_GROUPINGS`, e.g. a low-rank factorisation): `q_map` and
+  `k_map` given as arrays, `perm` None. Backends that only use `q_rep`/`k_fused`/`q_exp`
+  take them unchanged; a backend that needs the permutation refuses them in `supports`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from distrattention_jax import lsh
+
+# ----------------------------------------------------------------------------------------
+# Permutation groupings
+# ----------------------------------------------------------------------------------------
+
+
+def _random_permutations(query, *, block_q, seed):
+  batch, q_len, heads, d = query.shape
+  num_blocks = -(-q_len // block_q)
+  keys = jax.random.split(jax.random.key(seed), batch * heads * num_blocks)
+  perm = jax.vmap(lambda k: jax.random.permutation(k, d))(keys)
+  return perm.reshape(batch, heads, num_blocks, d).astype(jnp.int32)
+
+
+# Every permutation grouping (`block_permutations` runs them).
+PERMUTATION_GROUPINGS = ("lsh", "greedy", "random")
+
+# Dense groupings: name -> fn(query, key, *, config, query_valid, key_valid)
+#   -> (q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r]) float32, Hk = H or kv_heads,
+# computed under stop_gradient. Issue 14 registers its low-rank maps here.
+DENSE_GROUPINGS: dict[str, Callable] = {}
+
+
+def grouping_names() -> tuple[str, ...]:
+  """Every grouping `DistrConfig.grouping` accepts."""
+  return PERMUTATION_GROUPINGS + tuple(DENSE_GROUPINGS)
 
 
 def block_permutations(
@@ -29,6 +68,7 @@ def block_permutations(
     num_projs: int = 16,
     seed: int = 0,
     query_valid: jax.Array | None = None,
+    use_kernel: bool | None = None,
 ) -> jax.Array:
   """Column permutation of every query block: int32 `[batch, heads, num_blocks, d]`.
 
@@ -36,23 +76,21 @@ def block_permutations(
     "greedy" (default): exact column distances within the block (`greedy_permutations`).
     "lsh": the paper's angular LSH with Gray-code ordering (`lsh.lsh_permutations`).
     "random": a random permutation per block (a control for accuracy studies).
-  The result is a constant for differentiation (`stop_gradient`).
+  `use_kernel` runs greedy's steps in the Pallas kernel (None: when JAX's default
+  backend is a GPU; `distr_attention` passes it explicitly, True only for GPU kernel
+  backends). The result is a constant for differentiation (`stop_gradient`).
   """
   if grouping == "greedy":
     perm = greedy_permutations(query, block_q=block_q, group_size=group_size,
-                               query_valid=query_valid)
+                               query_valid=query_valid, use_kernel=use_kernel)
   elif grouping == "lsh":
     perm = lsh.lsh_permutations(query, block_q=block_q, num_projs=num_projs, seed=seed,
                                 query_valid=query_valid)
   elif grouping == "random":
-    batch, q_len, heads, d = query.shape
-    num_blocks = -(-q_len // block_q)
-    keys = jax.random.split(jax.random.key(seed), batch * heads * num_blocks)
-    perm = jax.vmap(lambda k: jax.random.permutation(k, d))(keys)
-    perm = perm.reshape(batch, heads, num_blocks, d).astype(jnp.int32)
+    perm = _random_permutations(query, block_q=block_q, seed=seed)
   else:
-    raise ValueError(
-        f"grouping must be one of ('lsh', 'greedy', 'random'), got {grouping!r}")
+    raise ValueError(f"grouping must be one of {PERMUTATION_GROUPINGS} for a permutation, "
+                     f"got {grouping!r}")
   return jax.lax.stop_gradient(perm)
 
 
@@ -63,10 +101,10 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   remaining columns (distances over the block's rows, from the `d x d` Gram matrix),
   repeat. `O(block_q d^2)` per block for the Gram matrix plus `d/G` cheap steps: small
   next to attention's `O(N d)` per row. `use_kernel` runs the steps in one Pallas
-  program per block (`pallas_kernels.greedy`; None: on a GPU), where XLA would launch
-  every step separately. Both give the same permutation. The Gram matrix is formed
-  from the input dtype (bf16/f16 products are exact in float32), so the same values
-  given as float32 may break an exact near-tie the other way. Returns int32
+  program per block (`pallas_kernels/triton/greedy.py`; None: on a GPU), where XLA
+  would launch every step separately. Both give the same permutation. The Gram matrix
+  is formed from the input dtype (bf16/f16 products are exact in float32), so the same
+  values given as float32 may break an exact near-tie the other way. Returns int32
   `[batch, heads, nb, d]`.
   """
   query = jax.lax.stop_gradient(query)
@@ -83,7 +121,7 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel:
-    from pallas_kernels import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
+    from pallas_kernels.triton import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
     flat = greedy_kernel.greedy_groups(gram.reshape(-1, d, d), group_size,
                                        interpret=jax.default_backend() != "gpu")
     return flat.reshape(batch, heads, num_blocks, d)
@@ -106,6 +144,11 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
 
   flat = jax.vmap(one_block)(norms.reshape(-1, d), dist.reshape(-1, d, d))
   return flat.reshape(batch, heads, num_blocks, d)
+
+
+# ----------------------------------------------------------------------------------------
+# Maps of a permutation (the only implementations of membership and representatives)
+# ----------------------------------------------------------------------------------------
 
 
 def group_of_column(perm: jax.Array, group_size: int) -> jax.Array:
@@ -137,51 +180,183 @@ def member_indices(perm: jax.Array, group_size: int) -> jax.Array:
   return jnp.swapaxes(perm.reshape(perm.shape[:-1] + (d // group_size, group_size)), -1, -2)
 
 
+# ----------------------------------------------------------------------------------------
+# Per-block products (the only implementation of blockwise Q @ map)
+# ----------------------------------------------------------------------------------------
+
+
 def _acc_dtype(dtype):
   """Accumulation dtype: float32, or float64 for float64 inputs (never round them)."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _blockwise_matmul(query, w, block_q):
-  """`query [B, T, H, d]` times each row's block matrix `w [B, H, nb, d, c]` -> `[B, T, H, c]`.
+def blockwise_matmul(x, w, block_q):
+  """`x [B, T, H, c]` times each row's block matrix `w [B, H, nb, c, e]` -> `[B, T, H, e]`.
 
-  Works on the BTNH layout directly (rows reshaped into blocks, no transposes), with
-  exact accumulation for one-hot/averaging weights: float32 (float64 for float64), no
-  TF32 rounding.
+  Row t uses block `t // block_q`. Works on the BTNH layout directly (rows reshaped into
+  blocks, no transposes), with exact accumulation for one-hot/averaging weights: float32
+  (float64 for float64), no TF32 rounding. `w` may have more blocks than `x` needs.
   """
-  batch, length, heads, _ = query.shape
-  x = lsh.query_blocks(query, block_q)                     # [B, nb, rows, H, d]
-  num_blocks, rows = x.shape[1], x.shape[2]
-  y = jnp.einsum("bnrhd,bhndg->bnrhg", x, w.astype(x.dtype),
+  batch, length, heads, _ = x.shape
+  xb = lsh.query_blocks(x, block_q)                        # [B, nb, rows, H, c]
+  num_blocks, rows = xb.shape[1], xb.shape[2]
+  y = jnp.einsum("bnrhd,bhndg->bnrhg", xb, w[:, :, :num_blocks].astype(x.dtype),
                  precision=jax.lax.Precision.HIGHEST,
                  preferred_element_type=_acc_dtype(x.dtype)).astype(x.dtype)
   return y.reshape(batch, num_blocks * rows, heads, y.shape[-1])[:, :length]
 
 
-def query_representatives(query, perm, group_size, block_q, representative):
-  """`Q_rep`: `[B, T, H, d/G]`, each row using its block's grouping."""
-  return _blockwise_matmul(query, rep_weights(perm, group_size, representative), block_q)
+# ----------------------------------------------------------------------------------------
+# The grouping result
+# ----------------------------------------------------------------------------------------
 
 
-def expand_query(query, perm, group_size, block_q, representative):
-  """`Q_exp`: `[B, T, H, d]`, each group's representative in every column of the group."""
-  w = rep_weights(perm, group_size, representative)
-  m = membership(perm, group_size)
-  expand = jnp.einsum("bhndg,bhncg->bhndc", w, m)  # [.., d, d]: Q_exp = Q @ (W M^T)
-  return _blockwise_matmul(query, expand, block_q)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeadReduction:
+  """How one call reduces the head dimension: the grouping's result, for every backend.
 
+  Build it with `from_permutation` or `from_maps`. Arrays (pytree children):
+    perm: int32 `[B, H, nb, d]` for permutation groupings, else None.
+    dense_q_map, dense_k_map: float32 `[B, H, nb, d, r]` and `[B, Hk, nb, d, r]`
+      (Hk = H or kv_heads) for dense groupings, else None.
+  Static (pytree aux data): group_size G, block_q, representative.
 
-def fuse_keys(key, perm, group_size):
-  """`K_fused`: `[B, H, nb, Tk, d/G]`, the sum of each group's key columns per block.
-
-  `key` is `[B, Tk, Hkv, d]`; with GQA each query head gets its own fused keys, since
-  its grouping is its own.
+  Derived: `num_blocks` nb, `head_dim` d, `width` r = d / G, `q_map`, `k_map`,
+  `is_permutation`. Builders: `q_rep(query, scale)`, `k_fused(key)`,
+  `k_fused_blocks(key)`, `q_exp(query)`, and `member_indices()` (permutations only).
   """
-  batch, kv_len, kv_heads, d = key.shape
-  heads = perm.shape[1]
-  m = membership(perm, group_size).reshape(batch, kv_heads, heads // kv_heads,
-                                           perm.shape[2], d, d // group_size)
-  k_fused = jnp.einsum("bskd,bkrndg->bkrnsg", key, m.astype(key.dtype),
-                       precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=_acc_dtype(key.dtype))
-  return k_fused.reshape(batch, heads, perm.shape[2], kv_len, d // group_size).astype(key.dtype)
+
+  perm: jax.Array | None
+  dense_q_map: jax.Array | None
+  dense_k_map: jax.Array | None
+  group_size: int = dataclasses.field(metadata=dict(static=True))
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  representative: str = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def from_permutation(cls, perm, *, group_size, block_q, representative="mean"):
+    return cls(perm=perm, dense_q_map=None, dense_k_map=None, group_size=group_size,
+               block_q=block_q, representative=representative)
+
+  @classmethod
+  def from_maps(cls, q_map, k_map, *, block_q):
+    """Dense maps `q_map [B, H, nb, d, r]`, `k_map [B, Hk, nb, d, r]` (Hk divides H)."""
+    d, r = q_map.shape[-2:]
+    if k_map.shape[-2:] != (d, r) or k_map.shape[2] != q_map.shape[2]:
+      raise ValueError(f"q_map {q_map.shape} and k_map {k_map.shape} must share nb, d, r")
+    if q_map.shape[1] % k_map.shape[1]:
+      raise ValueError(f"k_map heads ({k_map.shape[1]}) must divide q_map heads "
+                       f"({q_map.shape[1]})")
+    return cls(perm=None, dense_q_map=q_map, dense_k_map=k_map, group_size=d // r,
+               block_q=block_q, representative="map")
+
+  # -- shapes --
+  @property
+  def is_permutation(self) -> bool:
+    return self.perm is not None
+
+  @property
+  def num_blocks(self) -> int:
+    return (self.perm if self.is_permutation else self.dense_q_map).shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.perm.shape[-1] if self.is_permutation else self.dense_q_map.shape[-2]
+
+  @property
+  def width(self) -> int:
+    return self.head_dim // self.group_size
+
+  # -- maps --
+  @property
+  def q_map(self) -> jax.Array:
+    """float32 `[B, H, nb, d, r]` with `Q_rep = Q_block @ q_map`."""
+    if not self.is_permutation:
+      return self.dense_q_map
+    return rep_weights(self.perm, self.group_size, self.representative)
+
+  @property
+  def k_map(self) -> jax.Array:
+    """float32 `[B, Hk, nb, d, r]` with `K_fused = K @ k_map` (permutations: Hk = H)."""
+    if not self.is_permutation:
+      return self.dense_k_map
+    return membership(self.perm, self.group_size)
+
+  def member_indices(self) -> jax.Array:
+    """int32 `[B, H, nb, G, r]` member columns of every group (permutations only)."""
+    if not self.is_permutation:
+      raise ValueError("member_indices needs a permutation grouping, not dense maps")
+    return member_indices(self.perm, self.group_size)
+
+  # -- builders --
+  def q_rep(self, query: jax.Array, scale: float = 1.0) -> jax.Array:
+    """`Q_rep [B, Tq, H, r]` (times `scale`, folded into the map, when it is not 1)."""
+    q_map = self.q_map if scale == 1.0 else self.q_map * scale
+    return blockwise_matmul(query, q_map, self.block_q)
+
+  def _k_map_per_kv_head(self, kv_heads: int) -> jax.Array:
+    """k_map as `[B, Hkv, Hk / Hkv, nb, d, r]`."""
+    k_map = self.k_map
+    batch, hk = k_map.shape[:2]
+    return k_map.reshape(batch, kv_heads, hk // kv_heads, *k_map.shape[2:])
+
+  def k_fused_blocks(self, key: jax.Array) -> jax.Array:
+    """`K_fused [B, Hk, nb, Tk, r]` per grouping block, from `key [B, Tk, Hkv, d]`.
+
+    With GQA and a permutation grouping each query head gets its own fused keys, since
+    its grouping is its own (Hk = H).
+    """
+    batch, kv_len, kv_heads, _ = key.shape
+    m = self._k_map_per_kv_head(kv_heads)
+    k_fused = jnp.einsum("bskd,bkrndg->bkrnsg", key, m.astype(key.dtype),
+                         precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=_acc_dtype(key.dtype))
+    return k_fused.reshape(batch, -1, self.num_blocks, kv_len, self.width).astype(key.dtype)
+
+  def k_fused(self, key: jax.Array) -> jax.Array:
+    """`K_fused`: with one grouping block (nb == 1) a BTNH array `[B, Tk, Hk, r]` (what
+    attention kernels take), else per block `[B, Hk, nb, Tk, r]` (`k_fused_blocks`)."""
+    if self.num_blocks != 1:
+      return self.k_fused_blocks(key)
+    batch, kv_len, kv_heads, _ = key.shape
+    m = self._k_map_per_kv_head(kv_heads)[:, :, :, 0]        # [B, Hkv, Hk/Hkv, d, r]
+    k_fused = jnp.einsum("bskd,bkrdg->bskrg", key, m.astype(key.dtype),
+                         precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=_acc_dtype(key.dtype))
+    return k_fused.reshape(batch, kv_len, -1, self.width).astype(key.dtype)
+
+  def q_exp(self, query: jax.Array) -> jax.Array:
+    """`Q_exp = Q q_map k_map^T` `[B, Tq, H, d]`: exact attention at `Q_exp` has the
+    reduced scores (for a permutation: each representative in every column of its
+    group)."""
+    heads = query.shape[2]
+    k_map = self.k_map
+    if k_map.shape[1] != heads:
+      k_map = jnp.repeat(k_map, heads // k_map.shape[1], axis=1)
+    expand = jnp.einsum("bhndg,bhncg->bhndc", self.q_map, k_map)  # [.., d, d]
+    return blockwise_matmul(query, expand, self.block_q)
+
+
+def reduce_heads(query, key, config, *, query_valid=None, key_valid=None,
+                 use_kernel=False) -> HeadReduction | None:
+  """The grouping step of `distr_attention`: None for `group_size == 1` (exact).
+
+  `config` is a validated `DistrConfig`; `query_valid`/`key_valid` bool `[B, T]` mark
+  real (not padding) rows; `use_kernel` lets "greedy" run its Pallas kernel (only for
+  GPU kernel backends, so implementation="xla" runs no Pallas code).
+  """
+  if config.group_size == 1:
+    return None
+  if config.grouping in DENSE_GROUPINGS:
+    q_map, k_map = DENSE_GROUPINGS[config.grouping](
+        query, key, config=config, query_valid=query_valid, key_valid=key_valid)
+    return HeadReduction.from_maps(jax.lax.stop_gradient(q_map),
+                                   jax.lax.stop_gradient(k_map), block_q=config.block_q)
+  perm = block_permutations(
+      query, block_q=config.block_q, group_size=config.group_size,
+      grouping=config.grouping, num_projs=config.num_projs, seed=config.seed,
+      query_valid=query_valid, use_kernel=use_kernel)
+  return HeadReduction.from_permutation(perm, group_size=config.group_size,
+                                        block_q=config.block_q,
+                                        representative=config.representative)

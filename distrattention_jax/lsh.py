@@ -1,4 +1,4 @@
-"""Angular LSH grouping of the head dimension (DESIGN.md section 1, steps 2-3).
+"""Angular LSH grouping of the head dimension (docs/DESIGN.md section 1, steps 2-3).
 
 For each block of `block_q` query rows, every one of the `d` columns of the block is a
 vector of length `block_q`. It is projected on `num_projs` fixed Gaussian directions, the

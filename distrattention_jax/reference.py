@@ -68,13 +68,14 @@ def distr_attention_reference(
     query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
     grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, perm=None):
-  """DistrAttention, transcribed step by step from DESIGN.md section 1.
+  """DistrAttention, transcribed step by step from docs/DESIGN.md section 1.
 
   Args:
     query, key, value: `[B, Tq, H, d]`, `[B, Tk, Hkv, d]`, `[B, Tk, Hkv, dv]`.
     perm: optional int `[B, H, ceil(Tq / block_q), d]` column permutations; by default
-      they are computed by `grouping.block_permutations` (greedy by default) exactly as
-      `distr_attention` does.
+      they are computed by `grouping.block_permutations` (greedy by default; its Pallas
+      kernel when JAX's default backend is a GPU, as GPU backends of `distr_attention`
+      do). Dense groupings (no permutation) are not transcribed here.
     Other arguments as `distr_attention`.
 
   Returns:
@@ -84,8 +85,9 @@ def distr_attention_reference(
       query, key, value, scale=scale, is_causal=is_causal, mask=mask,
       segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths)
-  config_lib.DistrConfig(group_size, block_q, num_projs, representative, grouping,
-                         seed).validate(query.shape[-1])
+  config_lib.DistrConfig(group_size=group_size, block_q=block_q, num_projs=num_projs,
+                         representative=representative, grouping=grouping,
+                         seed=seed).validate(query.shape[-1])
   ct = _compute_dtype(query.dtype)
   batch, q_len, heads, d = query.shape
   kv_len = key.shape[1]

@@ -8,6 +8,8 @@ collective, and the Pallas kernels (which XLA cannot partition) see local arrays
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from jax.sharding import PartitionSpec as P
 
@@ -17,17 +19,17 @@ def _axes(spec, ndim):
   return entries
 
 
-def shard_over_batch_and_heads(fn, sharding, arrays):
-  """`fn(query, key, value, mask, q_seg, kv_seg, q_len, kv_len)` per shard of `sharding`.
+def shard_over_batch_and_heads(fn, sharding, query, key, value, masks):
+  """`fn(query, key, value, masks)` per shard of `sharding`.
 
   `sharding` is the NamedSharding of the BTNH query; key/value are sharded alike (their
-  kv heads over the query's head axes). Masks follow their batch (and head) axes.
+  kv heads over the query's head axes). The arrays of `masks` (a `config.Masks` pytree)
+  follow their batch (and head) axes.
   """
   if not isinstance(sharding, jax.sharding.NamedSharding):
     raise ValueError(
         f"sharding must be a jax.sharding.NamedSharding of the query, got "
         f"{type(sharding).__name__}")
-  query, key, value, mask, q_seg, kv_seg, q_lengths, kv_lengths = arrays
   batch_axes, seq_axes, head_axes, dim_axes = _axes(sharding.spec, 4)
   if seq_axes is not None or dim_axes is not None:
     raise NotImplementedError(
@@ -50,32 +52,25 @@ def shard_over_batch_and_heads(fn, sharding, arrays):
     raise ValueError(f"sharding: batch={query.shape[0]} must be divisible by its "
                      f"{batch_shards} shards")
   qkv_spec = P(batch_axes, None, head_axes, None)
-  mask_spec = None
-  if mask is not None:
-    mask_spec = P(batch_axes if mask.shape[0] > 1 else None,
-                  head_axes if mask.shape[1] > 1 else None, None, None)
-  seg_spec = P(batch_axes, None)
-  len_spec = P(batch_axes)
-  in_specs = (qkv_spec, qkv_spec, qkv_spec, mask_spec,
-              None if q_seg is None else seg_spec, None if kv_seg is None else seg_spec,
-              None if q_lengths is None else len_spec,
-              None if kv_lengths is None else len_spec)
-  # None arrays take no spec: pass only the present ones through shard_map.
-  present = [i for i, a in enumerate(arrays) if a is not None]
-
-  def local(*xs):
-    full = [None] * len(arrays)
-    for i, x in zip(present, xs):
-      full[i] = x
-    return fn(*full)
-
-  specs = tuple(in_specs[i] for i in present)
+  mask = masks.mask
+  seg_spec, len_spec = P(batch_axes, None), P(batch_axes)
+  # A Masks of specs: absent arrays are empty subtrees, so their specs are never read.
+  mask_specs = dataclasses.replace(
+      masks,
+      mask=None if mask is None else P(batch_axes if mask.shape[0] > 1 else None,
+                                       head_axes if mask.shape[1] > 1 else None, None, None),
+      q_segment_ids=None if masks.q_segment_ids is None else seg_spec,
+      kv_segment_ids=None if masks.kv_segment_ids is None else seg_spec,
+      q_lengths=None if masks.q_lengths is None else len_spec,
+      kv_lengths=None if masks.kv_lengths is None else len_spec)
+  specs = (qkv_spec, qkv_spec, qkv_spec, mask_specs)
   # Place every input as its spec says (a no-op for q/k/v already sharded so; masks
   # built outside, e.g. constants, get split over the batch axis here).
   explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
   place = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
-  inputs = [place(arrays[i], jax.sharding.NamedSharding(mesh, spec))
-            for i, spec in zip(present, specs)]
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+  inputs = jax.tree.map(lambda x, spec: place(x, jax.sharding.NamedSharding(mesh, spec)),
+                        (query, key, value, masks), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
                          check_vma=False)
   return mapped(*inputs)

@@ -12,29 +12,34 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from distrattention_jax import DistrMultiHeadDotProductAttention
+from distrattention_jax import DistrConfig, DistrMultiHeadDotProductAttention
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class AttentionConfig:
-  """`kind="exact"` (Flax's attention) or `"distr"` with DistrAttention's options."""
+  """`kind="exact"` (Flax's attention) or `"distr"` with DistrAttention's options.
 
-  kind: str = "distr"
-  group_size: int = 2
-  block_q: int = 64
-  representative: str = "mean"
-  grouping: str = "greedy"
-  implementation: str | None = None
-  sharding: Any = None  # NamedSharding of the attention's query when data-parallel
+  `config` is a `DistrConfig`; DistrConfig's fields may also be given by keyword
+  (`AttentionConfig(group_size=4)`), replacing the config's.
+  """
+
+  kind: str
+  config: DistrConfig
+  sharding: Any  # NamedSharding of the attention's query when data-parallel
+
+  def __init__(self, kind: str = "distr", config: DistrConfig | None = None,
+               sharding: Any = None, **options):
+    object.__setattr__(self, "kind", kind)
+    object.__setattr__(self, "config", dataclasses.replace(config or DistrConfig(),
+                                                           **options))
+    object.__setattr__(self, "sharding", sharding)
 
   def make(self, num_heads: int, name: str):
     if self.kind == "exact":
       return nn.MultiHeadDotProductAttention(num_heads=num_heads, name=name)
     if self.kind == "distr":
       return DistrMultiHeadDotProductAttention(
-          num_heads=num_heads, group_size=self.group_size, block_q=self.block_q,
-          representative=self.representative, grouping=self.grouping,
-          implementation=self.implementation, sharding=self.sharding, name=name)
+          num_heads=num_heads, config=self.config, sharding=self.sharding, name=name)
     raise ValueError(f"attention kind must be 'exact' or 'distr', got {self.kind!r}")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in one command (device time is scarce): the GPU tests of the
-# cuDNN path and the greedy-grouping kernel, then the grouping cost. Results under $OUT
+# One GPU session's checks, in one command (device time is scarce): every GPU test
+# (python -m pytest -m gpu: the backend case list on cuDNN and Triton, the greedy-grouping
+# kernel), then the grouping cost. Results under $OUT
 # (or benchmarks/results). Usage on a GPU machine, from the repository root:
 #   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|all]
 set -uo pipefail
@@ -8,7 +9,7 @@ out="${OUT:-benchmarks/results}"
 what="${1:-all}"
 export PYTHONUNBUFFERED=1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 560 python -m pytest -q -m gpu tests/test_cudnn_gpu.py tests/test_pallas_gpu.py \
+  timeout 560 python -m pytest -q -m gpu \
     2>&1 | tee "$out/gpu-tests.log" | tail -15
 fi
 if [ "$what" = grouping ] || [ "$what" = all ]; then

@@ -1,7 +1,8 @@
 """The public function `distr_attention` (implementation="xla") against the reference.
 
 * Forward equals `distr_attention_reference` for group sizes 1..8, both representatives,
-  grouping blocks shorter and longer than the sequence, masks, and bf16/f16/f32.
+  grouping blocks shorter and longer than the sequence (masks, dtypes, GQA and the rest
+  of the backend cases: tests/test_backend_xla.py).
 * Gradients equal `jax.grad` of the reference with the same permutation, follow the
   representative rule, and pass `jax.test_util.check_grads` in float64.
 * It works under `jax.jit` and `jax.vmap`.
@@ -23,28 +24,11 @@ from distrattention_jax import config
 from distrattention_jax import grouping
 from distrattention_jax import reference
 
-TOLS = {
-    jnp.float32: dict(atol=2e-5, rtol=2e-5),
-    jnp.float16: dict(atol=5e-3, rtol=5e-3),
-    jnp.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
+from conftest import TOLS
+from conftest import bernoulli as _bernoulli
+from conftest import normal as _normal
+from conftest import qkv as _qkv
 
-
-def _normal(rng, shape, dtype=jnp.float32):
-  return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-
-
-def _qkv(seed, batch, q_len, kv_len, heads, kv_heads, d, dv=None, dtype=jnp.float32):
-  """Fresh Gaussian query, key, value (NumPy draws: no compile per shape)."""
-  rng = np.random.default_rng(seed)
-  dv = d if dv is None else dv
-  return (_normal(rng, (batch, q_len, heads, d), dtype),
-          _normal(rng, (batch, kv_len, kv_heads, d), dtype),
-          _normal(rng, (batch, kv_len, kv_heads, dv), dtype))
-
-
-def _bernoulli(seed, p, shape):
-  return jnp.asarray(np.random.default_rng(seed).random(shape) < p)
 
 
 _STATIC = ("group_size", "block_q", "representative", "is_causal", "grouping", "num_projs",
@@ -79,41 +63,6 @@ def test_xla_matches_reference(group_size, representative, block_q):
                                 representative=representative, is_causal=True)
   assert out.shape == (2, 37, 4, 24) and out.dtype == jnp.float32
   _assert_close(out, ref, jnp.float32)
-
-
-@pytest.mark.parametrize("case,representative", [
-    ("mask", "sample"), ("segments", "mean"), ("lengths", "sample"), ("lengths", "mean")])
-def test_xla_matches_reference_masks(case, representative):
-  batch, q_len, kv_len = 2, 37, 29
-  q, k, v = _qkv(7, batch, q_len, kv_len, 4, 1, 16)
-  kwargs = {}
-  if case == "mask":
-    mask = _bernoulli(1, 0.6, (batch, 1, q_len, kv_len))
-    kwargs = dict(mask=mask.at[0, 0, 3].set(False))  # a row with no key
-  elif case == "segments":
-    q_seg = np.sort(np.random.default_rng(2).integers(0, 3, (batch, q_len)), axis=1)
-    kv_seg = np.sort(np.random.default_rng(3).integers(1, 3, (batch, kv_len)), axis=1)
-    kwargs = dict(segment_ids=(jnp.asarray(q_seg), jnp.asarray(kv_seg)))
-  else:
-    kwargs = dict(query_seq_lengths=jnp.array([30, 9]),
-                  key_value_seq_lengths=jnp.array([0, 20]))
-  out, ref = _xla_and_reference(q, k, v, group_size=4, block_q=16,
-                                representative=representative, is_causal=case == "mask",
-                                **kwargs)
-  _assert_close(out, ref, jnp.float32)
-  assert np.any(np.asarray(out) == 0)  # rows with no key are exactly 0 in both
-  np.testing.assert_array_equal(np.asarray(out) == 0, np.asarray(ref) == 0)
-
-
-@pytest.mark.parametrize("dtype,group_size,representative", [
-    (jnp.bfloat16, 2, "sample"), (jnp.bfloat16, 4, "mean"), (jnp.float16, 2, "mean"),
-    (jnp.float16, 4, "sample"), (jnp.float32, 2, "mean")])
-def test_xla_matches_reference_dtypes(dtype, group_size, representative):
-  q, k, v = _qkv(group_size, 2, 37, 29, 4, 2, 32, dtype=dtype)
-  out, ref = _xla_and_reference(q, k, v, group_size=group_size, block_q=16,
-                                representative=representative, is_causal=True)
-  assert out.dtype == dtype and ref.dtype == dtype
-  _assert_close(out, ref, dtype)
 
 
 def test_random_grouping_matches_reference():
@@ -159,7 +108,7 @@ def test_grad_matches_reference(group_size, representative):
     assert np.abs(np.asarray(g)).max() > 1e-3, name  # not trivially zero
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
 
-  # The representative rule of DESIGN.md: with "sample", only the first column of each
+  # The representative rule of docs/DESIGN.md section 1: with "sample", only the first column of each
   # group gets a gradient in its block; with "mean", every member gets the same 1/G share.
   if group_size == 1:
     return
@@ -350,20 +299,48 @@ def test_config_validate_accepts_defaults_and_checks_head_dim():
     grouping.rep_weights(jnp.arange(4)[None], 2, "first")
 
 
-def test_cudnn_implementation_validates_before_running():
-  q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 2, 16)), jnp.bfloat16)
-  seg = jnp.zeros((1, 32), jnp.int32)
-  cases = [  # (kwargs, error, message)
-      (dict(q=q.astype(jnp.float32)), NotImplementedError, "float32 inputs"),
-      (dict(segment_ids=seg), NotImplementedError, "segment_ids"),
-      (dict(mask=jnp.ones((32, 32), bool)), NotImplementedError, "dense boolean `mask`"),
-      (dict(q=q[..., :12]), NotImplementedError, "head_dim=12"),
-      (dict(), ValueError, "needs a GPU backend"),  # valid options, but this is a CPU
-  ]
-  for kwargs, error, message in cases:
-    x = kwargs.pop("q", q)
-    with pytest.raises(error, match=message):
-      attention.distr_attention(x, x, x, implementation="cudnn", **kwargs)
-  # None never picks cuDNN off a GPU: same result as "xla".
-  np.testing.assert_array_equal(attention.distr_attention(q, q, q),
-                                attention.distr_attention(q, q, q, implementation="xla"))
+def test_config_is_keyword_only_and_names_backends():
+  with pytest.raises(TypeError):
+    config.DistrConfig(2, 64)  # pylint: disable=too-many-function-args
+  assert config.DistrConfig(implementation="pallas").validate().implementation == "pallas"
+  with pytest.raises(ValueError, match=r"implementation must be None or one of .*'triton'"):
+    config.DistrConfig(implementation="cuda").validate()
+
+
+def test_implementation_aliases_give_the_same_result():
+  q, k, v = _qkv(3, 1, 32, 32, 2, 2, 32)
+  kw = dict(group_size=2, block_q=16, is_causal=True)
+  np.testing.assert_array_equal(
+      attention.distr_attention(q, k, v, implementation="pallas_interpret", **kw),
+      attention.distr_attention(q, k, v, implementation="triton_interpret", **kw))
+
+
+def test_masks_is_a_pytree():
+  masks = config.Masks(is_causal=True, q_lengths=jnp.array([3]), kv_lengths=jnp.array([2]))
+  leaves, tree = jax.tree.flatten(masks)
+  assert len(leaves) == 2
+  again = jax.tree.unflatten(tree, leaves)
+  assert again.is_causal and again.mask is None
+  out = jax.jit(lambda m: m.dense(4, 3))(masks)
+  assert out.shape == (1, 1, 4, 3)
+
+
+def test_greedy_kernel_only_for_gpu_kernel_backends(monkeypatch):
+  """implementation="xla" (and the interpreter) never ask for the Pallas grouping kernel;
+  the GPU kernel backends do."""
+  from distrattention_jax import backends  # pylint: disable=import-outside-toplevel
+  seen = []
+  original = grouping.block_permutations
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs.get("use_kernel"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(grouping, "block_permutations", recording)
+  q, k, v = _qkv(0, 1, 32, 32, 2, 2, 16)
+  for impl in ("xla", "triton_interpret"):
+    attention.distr_attention(q, k, v, group_size=2, block_q=16, implementation=impl)
+  assert seen == [False, False]
+  assert backends.get("cudnn").uses_grouping_kernel
+  assert backends.get("triton").uses_grouping_kernel
+  assert not backends.get("xla").uses_grouping_kernel

@@ -85,3 +85,24 @@ def test_causal_option_matches_causal_mask():
   q, k, v = _x((2, 24, 2, 16), 4), _x((2, 24, 2, 16), 5), _x((2, 24, 2, 16), 6)
   mask = nn.make_causal_mask(jnp.ones((2, 24)))
   np.testing.assert_allclose(fn_flag(q, k, v), fn_mask(q, k, v, mask=mask), atol=2e-6)
+
+
+def test_config_and_keyword_options():
+  cfg = dj.DistrConfig(group_size=4, block_q=16, implementation="xla")
+  q, k, v = _x((2, 24, 2, 16), 7), _x((2, 24, 2, 16), 8), _x((2, 24, 2, 16), 9)
+  want = dj.distr_attention(q, k, v, group_size=2, block_q=16, implementation="xla")
+  # Keyword options replace the config's fields.
+  np.testing.assert_allclose(dj.make_attention_fn(cfg, group_size=2)(q, k, v), want)
+  with pytest.raises(TypeError, match="unexpected DistrAttention options"):
+    dj.make_attention_fn(group_sise=2)
+  x = _x((2, 20, 32), 10)
+  by_config = dj.DistrMultiHeadDotProductAttention(num_heads=2, config=cfg)
+  by_keyword = dj.DistrMultiHeadDotProductAttention(num_heads=2, group_size=4, block_q=16,
+                                                    implementation="xla")
+  params = by_config.init(jax.random.key(0), x)
+  np.testing.assert_allclose(by_config.apply(params, x), by_keyword.apply(params, x))
+  nnx_config = dj.DistrMultiHeadAttention(2, 32, config=cfg, rngs=nnx.Rngs(0), decode=False)
+  nnx_keyword = dj.DistrMultiHeadAttention(2, 32, group_size=4, block_q=16,
+                                           implementation="xla", rngs=nnx.Rngs(0),
+                                           decode=False)
+  np.testing.assert_allclose(nnx_config(x), nnx_keyword(x))

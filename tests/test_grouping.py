@@ -10,9 +10,7 @@ import pytest
 import distrattention_jax as dj
 from distrattention_jax import grouping
 
-
-def _normal(rng, shape):
-  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+from conftest import normal as _normal
 
 
 def _copies(rng, batch, length, heads, d, group_size):

@@ -1,4 +1,4 @@
-"""The grouping: angular LSH permutations (DESIGN.md section 1, steps 2-3).
+"""The grouping: angular LSH permutations (docs/DESIGN.md section 1, steps 2-3).
 
 * Permutations are int32 permutations of 0..d-1 per block, deterministic for a seed.
 * `gray_rank` inverts the binary-reflected Gray code; `lsh_permutations` equals an
@@ -22,9 +22,7 @@ from distrattention_jax import grouping
 from distrattention_jax import lsh
 from distrattention_jax import reference
 
-
-def _normal(rng, shape):
-  return jnp.asarray(rng.standard_normal(shape, np.float32))
+from conftest import normal as _normal
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ def test_sign_codes_pack_bits():
 
 
 def _lsh_np(q, *, block_q, num_projs, seed, query_valid=None):
-  """Steps 2-3 of DESIGN.md in NumPy, block by block and column by column."""
+  """Steps 2-3 of docs/DESIGN.md section 1 in NumPy, block by block and column by column."""
   q = np.asarray(q, np.float64)
   if query_valid is not None:
     q = np.where(np.asarray(query_valid)[:, :, None, None], q, 0.0)

@@ -3,7 +3,7 @@
 * `exact_attention` and `distr_attention(group_size=1, implementation="xla")` equal
   `jax.nn.dot_product_attention(implementation="xla")` over ragged lengths, causal,
   boolean masks, segment ids, sequence lengths, GQA and head dims 32..256.
-* `distr_attention_reference` equals an independent NumPy transcription of DESIGN.md
+* `distr_attention_reference` equals an independent NumPy transcription of docs/DESIGN.md
   section 1 with explicit loops over batch, head, block and group.
 * The identity `Q_rep K_fused^T == Q_exp K^T` that the XLA path and the backward rely on.
 
@@ -24,24 +24,11 @@ from distrattention_jax import attention
 from distrattention_jax import grouping
 from distrattention_jax import reference
 
+from conftest import bernoulli as _bernoulli
+from conftest import normal as _normal
+from conftest import qkv as _qkv
+
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def _normal(rng, shape, dtype=jnp.float32):
-  return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-
-
-def _qkv(seed, batch, q_len, kv_len, heads, kv_heads, d, dv=None, dtype=jnp.float32):
-  """Fresh Gaussian query, key, value (NumPy draws: no compile per shape)."""
-  rng = np.random.default_rng(seed)
-  dv = d if dv is None else dv
-  return (_normal(rng, (batch, q_len, heads, d), dtype),
-          _normal(rng, (batch, kv_len, kv_heads, d), dtype),
-          _normal(rng, (batch, kv_len, kv_heads, dv), dtype))
-
-
-def _bernoulli(seed, p, shape):
-  return jnp.asarray(np.random.default_rng(seed).random(shape) < p)
 
 
 def _allowed_np(batch, heads, q_len, kv_len, *, is_causal=False, mask=None, q_seg=None,
@@ -213,7 +200,7 @@ def test_exact_value_dim_differs(dv):
 
 
 def _distr_np(q, k, v, perm, *, group_size, block_q, representative, allowed, scale=None):
-  """DESIGN.md section 1, steps 1-5, with explicit loops (float64)."""
+  """docs/DESIGN.md section 1, steps 1-5, with explicit loops (float64)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   perm = np.asarray(perm)
   batch, q_len, heads, d = q.shape
@@ -316,9 +303,13 @@ def test_rep_fused_identity(representative, group_size, block_q):
   perm = grouping.block_permutations(q, block_q=block_q, group_size=group_size)
   num_blocks = -(-q_len // block_q)
   assert perm.shape == (batch, heads, num_blocks, d)
-  q_rep = grouping.query_representatives(q, perm, group_size, block_q, representative)
-  k_fused = grouping.fuse_keys(k, perm, group_size)
-  q_exp = grouping.expand_query(q, perm, group_size, block_q, representative)
+  reduction = grouping.HeadReduction.from_permutation(
+      perm, group_size=group_size, block_q=block_q, representative=representative)
+  q_rep, q_exp = reduction.q_rep(q), reduction.q_exp(q)
+  k_fused = reduction.k_fused_blocks(k)
+  if num_blocks == 1:  # k_fused: one grouping per sequence comes in BTNH
+    np.testing.assert_allclose(reduction.k_fused(k), jnp.transpose(k_fused[:, :, 0],
+                                                                   (0, 2, 1, 3)))
   assert q_rep.shape == (batch, q_len, heads, d // group_size)
   assert k_fused.shape == (batch, heads, num_blocks, kv_len, d // group_size)
   assert q_exp.shape == q.shape

@@ -1,6 +1,7 @@
-"""The `implementation="cudnn"` path: grouping in XLA, attention in cuDNN's fused kernels.
+"""The "cudnn" backend: grouping in XLA, attention in cuDNN's fused kernels.
 
-Two ways to hand DistrAttention to cuDNN, both the same function (DESIGN.md's identity):
+Two ways to hand DistrAttention to cuDNN, both the same function (the identity of
+docs/DESIGN.md section 1):
 
 * **narrow** (one grouping block per sequence, `d/G` a multiple of 8): cuDNN attention on
   `(Q_rep, K_fused, V)` with a `d/G`-wide score product and a full-width `V`. cuDNN calls
@@ -14,7 +15,8 @@ Two ways to hand DistrAttention to cuDNN, both the same function (DESIGN.md's id
   kernels for those are slower than cuDNN's exact kernel).
 
 Gradients come from JAX's autodiff of the XLA grouping products and cuDNN's own VJP,
-with the permutation held constant (it is computed under `stop_gradient`).
+with the grouping held constant (it is computed under `stop_gradient`). Both routes use
+only the reduction's `q_rep`/`k_fused`/`q_exp`, so dense maps work as permutations do.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from distrattention_jax import grouping as grouping_lib
+from distrattention_jax.backends import base
 
 MAX_HEAD_DIM = 256  # cuDNN's flash attention on Hopper; head dims must be multiples of 8
 
@@ -40,19 +42,20 @@ def _internal_binding():
   return binding
 
 
-def supports(masks, dtype, head_dim: int, value_dim: int) -> str | None:
+def _supports(problem: base.Problem) -> str | None:
   """None if the cuDNN path handles these options, else what it does not handle."""
+  dtype, head_dim, value_dim = problem.dtype, problem.head_dim, problem.value_dim
   if dtype not in (jnp.bfloat16, jnp.float16):
     return f"{jnp.dtype(dtype).name} inputs (cuDNN's fused attention takes bfloat16 or float16)"
-  if masks.mask is not None:
+  if problem.has_mask:
     return ("a dense boolean `mask` (express it with is_causal, query_seq_lengths or "
             "key_value_seq_lengths)")
-  if masks.q_segment_ids is not None:
-    return "segment_ids (use implementation='pallas' or 'xla')"
+  if problem.has_segment_ids:
+    return "segment_ids (use implementation='triton' or 'xla')"
   for name, dim in (("head_dim", head_dim), ("value head_dim", value_dim)):
     if dim % 8 or dim > MAX_HEAD_DIM:
       return f"{name}={dim} (cuDNN needs a multiple of 8, at most {MAX_HEAD_DIM})"
-  if jax.default_backend() == "gpu":  # off a GPU the caller says that a GPU is needed
+  if problem.platform == "gpu":  # off a GPU the caller says that a GPU is needed
     binding = _internal_binding()
     if binding is not None and not binding.check_compute_capability("8.0"):
       return "this GPU (cuDNN's fused attention needs compute capability 8.0 or newer)"
@@ -120,44 +123,38 @@ def _call_cudnn(query, key, value, masks, scale):
   return out[:, :q_len]
 
 
-def _fuse_keys_single_block(key, perm, group_size):
-  """`K_fused [B, Tk, H, d/G]` for one grouping per (batch, head): `perm [B, H, 1, d]`."""
-  batch, kv_len, kv_heads, d = key.shape
-  heads = perm.shape[1]
-  m = grouping_lib.membership(perm[:, :, 0], group_size)           # [B, H, d, d/G]
-  m = m.reshape(batch, kv_heads, heads // kv_heads, d, d // group_size)
-  k_fused = jnp.einsum("bskd,bkrdg->bskrg", key, m.astype(key.dtype),
-                       precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
-  return k_fused.reshape(batch, kv_len, heads, d // group_size).astype(key.dtype)
+class CudnnBackend(base.Backend):
+  """DistrAttention through cuDNN (see the module docstring for the two routes)."""
 
+  name = "cudnn"
+  needs_gpu = True
+  off_gpu_hint = "use 'xla' or 'triton_interpret' on a CPU"
 
-def distr_attention_cudnn(query, key, value, perm, masks, *, group_size, block_q,
-                          representative, scale):
-  """DistrAttention through cuDNN; arguments as `distr_attention`.
+  def supports(self, problem):
+    return _supports(problem)
 
-  `perm` is `[B, H, nb, d]` (None for group_size 1); `masks` a `config.Masks` that
-  `supports` accepts. Returns `[B, Tq, H, dv]`; rows with no key to attend are 0.
-  """
-  batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[2]
-  if perm is None:
-    out = _call_cudnn(query, key, value, masks, scale)
-  elif narrow_applies(perm.shape[2], head_dim, group_size):
-    q_rep = grouping_lib.query_representatives(query, perm, group_size, block_q,
-                                               representative)   # [B, Tq, H, d/G]
-    k_fused = _fuse_keys_single_block(key, perm, group_size)     # [B, Tk, H, d/G]
-    # cuDNN wants K and V with the same heads; K_fused has one per query head (GQA).
-    value_h = jnp.repeat(value, heads // kv_heads, axis=2) if heads != kv_heads else value
-    out = _call_cudnn(q_rep, k_fused, value_h, masks, scale)
-  else:
-    q_exp = grouping_lib.expand_query(query, perm, group_size, block_q, representative)
-    out = _call_cudnn(q_exp, key, value, masks, scale)
-  # The contract: rows with no key to attend (padding rows, empty key sets) are 0.
-  has_key = masks.query_valid(q_len)  # [B, Tq] or None
-  if masks.kv_lengths is not None:
-    some = jnp.broadcast_to((masks.kv_lengths > 0)[:, None], (batch, q_len))
-    has_key = some if has_key is None else has_key & some
-  if has_key is not None:
-    out = jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype))
-  return out
+  def __call__(self, query, key, value, reduction, masks, problem):
+    """`[B, Tq, H, dv]`; rows with no key to attend are 0."""
+    batch, q_len, _, head_dim = query.shape
+    kv_heads = key.shape[2]
+    scale = problem.scale
+    if reduction is None:
+      out = _call_cudnn(query, key, value, masks, scale)
+    elif narrow_applies(reduction.num_blocks, head_dim, reduction.group_size):
+      q_rep = reduction.q_rep(query)               # [B, Tq, H, d/G]
+      k_fused = reduction.k_fused(key)             # [B, Tk, Hk, d/G] (one block)
+      # cuDNN wants K and V with the same heads; K_fused may have one per query head.
+      fused_heads = k_fused.shape[2]
+      value_h = (jnp.repeat(value, fused_heads // kv_heads, axis=2)
+                 if fused_heads != kv_heads else value)
+      out = _call_cudnn(q_rep, k_fused, value_h, masks, scale)
+    else:
+      out = _call_cudnn(reduction.q_exp(query), key, value, masks, scale)
+    # The contract: rows with no key to attend (padding rows, empty key sets) are 0.
+    has_key = masks.query_valid(q_len)  # [B, Tq] or None
+    if masks.kv_lengths is not None:
+      some = jnp.broadcast_to((masks.kv_lengths > 0)[:, None], (batch, q_len))
+      has_key = some if has_key is None else has_key & some
+    if has_key is not None:
+      out = jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out

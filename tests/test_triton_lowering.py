@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import pytest
 
 from distrattention_jax import config
-from pallas_kernels import ops, tiles
+from distrattention_jax import grouping
+from distrattention_jax.backends import triton as triton_backend
+from pallas_kernels.triton import greedy
+from pallas_kernels.triton import tiles
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                    platform="cuda")
@@ -25,9 +28,10 @@ def _lower_grad(q_shape, kv_shape, dtype, group_size, block_q, causal, segments)
       kv_segment_ids=jnp.zeros((batch, kv_shape[1]), jnp.int32) if segments else None)
 
   def loss(q, k, v, perm):
-    out = ops.distr_attention_pallas(q, k, v, perm if group_size > 1 else None, masks,
-                                     group_size=group_size, block_q=block_q,
-                                     representative="mean", scale=d ** -0.5)
+    reduction = None if group_size == 1 else grouping.HeadReduction.from_permutation(
+        perm, group_size=group_size, block_q=block_q)
+    out = triton_backend.distr_attention_triton(q, k, v, reduction, masks,
+                                                scale=d ** -0.5)
     return jnp.sum(out.astype(jnp.float32))
 
   args = (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(kv_shape, dtype),
@@ -76,7 +80,6 @@ def test_table_entries_are_powers_of_two():
 
 @pytest.mark.parametrize("d,group_size", [(64, 4), (128, 2), (128, 4), (96, 8), (256, 4)])
 def test_greedy_grouping_kernel_lowers_for_cuda(d, group_size):
-  from pallas_kernels import greedy
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")

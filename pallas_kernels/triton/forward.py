@@ -5,7 +5,7 @@ softmax (base 2: `log2(e)` is folded into the scale). The score product is
 `Q_like K_like^T`, where, by the caller's choice of layout:
 
 * "btnh":   `K_like` is K itself (`[B, Tk, Hkv, w]`), e.g. `G = 1` (exact attention) or
-            `Q_exp` against K (the identity of DESIGN.md);
+            `Q_exp` against K (the identity of docs/DESIGN.md section 1);
 * "blocks": `K_like` is `K_fused` precomputed per grouping block (`[B, H, nb, Tk, w]`),
             the grouping block a multiple of the query tile;
 * "gather": the grouping block equals the query tile, and each key tile of `K_fused` is
@@ -14,7 +14,8 @@ softmax (base 2: `log2(e)` is folded into the scale). The score product is
 
 `Q_like` (`Q`, `Q_exp` or `Q_rep`) is `[B, Tq, H, w]` and V is used in full. Sequence
 lengths and widths must already be padded (lengths to the tiles, widths to powers of
-two >= 16); `kv_len` masks the padded keys.
+two >= 16); `kv_len` masks the padded keys. Tile sizes come from one `tiles.Tiles`
+(chosen by `tiles.choose_tiles`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.triton.tiles import Tiles
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -130,10 +133,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("layout", "scale", "causal", "kv_len", "block_q", "block_m",
-                     "block_k", "num_warps", "num_stages", "interpret"))
+    static_argnames=("layout", "scale", "causal", "kv_len", "block_q", "tiles", "interpret"))
 def forward(q_like, k_like, value, member_idx, q_seg, kv_seg, *, layout, scale, causal,
-            kv_len, block_q, block_m, block_k, num_warps, num_stages, interpret=False):
+            kv_len, block_q, tiles: Tiles, interpret=False):
   """Runs the forward kernel.
 
   Args:
@@ -144,10 +146,12 @@ def forward(q_like, k_like, value, member_idx, q_seg, kv_seg, *, layout, scale, 
     q_seg, kv_seg: int32 `[B, Tq]`, `[B, Tk]` segment ids (padding included), or None.
     kv_len: number of real keys (keys at or past it are masked).
     block_q: rows per grouping block (layouts "blocks" and "gather").
+    tiles: the launch's tiles (`block_m`, `block_k`, `num_warps`, `num_stages` used).
 
   Returns:
     `(out [B, Tq, H, dv] in q_like's dtype, lse [B, H, Tq] float32, base 2)`.
   """
+  block_m, block_k = tiles.block_m, tiles.block_k
   batch, q_len, heads, width = q_like.shape
   kv_len_padded, kv_heads, dv = value.shape[1], value.shape[2], value.shape[3]
   heads_per_kv = heads // kv_heads
@@ -182,7 +186,8 @@ def forward(q_like, k_like, value, member_idx, q_seg, kv_seg, *, layout, scale, 
           jax.ShapeDtypeStruct((batch, q_len, heads, dv), q_like.dtype),
           jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
       ],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
       interpret=interpret,
       name=f"distr_attention_fwd_{layout}",
   )(q_like, k_like, value, member_idx, q_seg, kv_seg)

@@ -1,10 +1,11 @@
 """Greedy grouping of head-dim columns by exact distance: one Pallas program per block.
 
-The same algorithm as `distrattention_jax.grouping.greedy_permutations` (which runs it in
-XLA): take the remaining column of largest norm, add its `G - 1` nearest remaining
-columns, repeat `d / G` times. In XLA every one of those sequential steps is a handful
-of tiny launches over all blocks, which cost 14-24% of the attention forward on an H100
-(README, "Accuracy"). Here one program per block runs the whole loop: a single warp
+The same algorithm as the XLA loop of the library's greedy grouping (`greedy_permutations`
+in `distrattention_jax/grouping.py`): take the remaining column of largest norm, add its
+`G - 1` nearest remaining columns, repeat `d / G` times. In XLA every one of those
+sequential steps is a handful of tiny launches over all blocks, which cost 17-71% of the
+attention forward on an H100 at d=128 (README, "Cost of the grouping"; 17% for one
+grouping per sequence, 71% for 16-row blocks). Here one program per block runs the whole loop: a single warp
 (every reduction is a warp shuffle, no barrier) holding the block's squared column
 norms, reading one row of the Gram matrix per step. The Gram matrices come from one
 batched XLA matmul (on tensor cores for bf16/f16 inputs: the products are exact in

@@ -1,9 +1,10 @@
-"""The `implementation="xla"` path: plain jnp, any backend, differentiable by autodiff.
+"""The "xla" backend: plain jnp, any platform, differentiable by autodiff.
 
-It uses the identity of DESIGN.md: DistrAttention(Q, K, V) is exact attention on
-`(Q_exp, K, V)`, where `Q_exp` puts each group's representative into every column of the
-group. Scores are materialised (`[B, H, Tq, Tk]`), so this path is for CPUs, short
-sequences and options the kernels do not cover.
+It uses the identity of docs/DESIGN.md section 1: DistrAttention(Q, K, V) is exact
+attention on `(Q_exp, K, V)`, where `Q_exp = Q q_map k_map^T` (for a permutation, each
+group's representative in every column of the group). Scores are materialised
+(`[B, H, Tq, Tk]`), so this path is for CPUs, short sequences and options the kernels
+do not cover. It supports every option and runs no Pallas code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distrattention_jax import grouping as grouping_lib
+from distrattention_jax.backends import base
 
 
 def attention(query, key, value, allowed, scale):
@@ -43,9 +44,13 @@ def attention(query, key, value, allowed, scale):
   return out.reshape(batch, q_len, heads, value.shape[-1]).astype(query.dtype)
 
 
-def distr_attention_xla(query, key, value, perm, *, group_size, block_q, representative,
-                        scale, allowed):
-  """DistrAttention through `Q_exp` (exact attention when `perm` is None / G = 1)."""
-  if perm is not None and group_size > 1:
-    query = grouping_lib.expand_query(query, perm, group_size, block_q, representative)
-  return attention(query, key, value, allowed, scale)
+class XlaBackend(base.Backend):
+  """DistrAttention through `Q_exp` (exact attention for group_size 1)."""
+
+  name = "xla"
+
+  def __call__(self, query, key, value, reduction, masks, problem):
+    if reduction is not None:
+      query = reduction.q_exp(query)
+    return attention(query, key, value, masks.dense(query.shape[1], key.shape[1]),
+                     problem.scale)

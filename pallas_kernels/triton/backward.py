@@ -11,7 +11,8 @@ With `P = softmax(scale * Q_like K_like^T)` recomputed from the forward's log-su
 
 Score products are `w`-wide (`d/G` for fused keys) and value products `dv`-wide. Only
 the layouts "btnh" and "blocks" are differentiated here: the "gather" forward is
-differentiated as exact attention at `(Q_exp, K, V)` (see `ops.py`). dK/dV come out per
+differentiated as exact attention at `(Q_exp, K, V)` (by the caller:
+`distrattention_jax/backends/triton.py`). dK/dV come out per
 query head (and dK per grouping block); the caller sums over the heads of a kv head.
 """
 
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.forward import LOG2E, build_mask, key_spec
+from pallas_kernels.triton.forward import LOG2E, build_mask, key_spec
+from pallas_kernels.triton.tiles import Tiles
 
 
 def _probs(q, k, lse, q_pos, k_pos, q_seg, kv_seg, *, qk_scale, causal, kv_len,
@@ -112,25 +114,29 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
 
 @functools.partial(
     jax.jit,
-    static_argnames=("layout", "scale", "causal", "kv_len", "block_q", "block_m",
-                     "block_k", "block_m_dkv", "block_k_dkv", "num_warps", "num_stages",
-                     "num_warps_dkv", "num_stages_dkv", "interpret"))
+    static_argnames=("layout", "scale", "causal", "kv_len", "block_q", "tiles",
+                     "interpret"))
 def backward(q_like, k_like, value, out, lse, d_out, q_seg, kv_seg, *, layout, scale,
-             causal, kv_len, block_q, block_m, block_k, block_m_dkv, block_k_dkv,
-             num_warps, num_stages, num_warps_dkv, num_stages_dkv, interpret=False):
+             causal, kv_len, block_q, tiles: Tiles, interpret=False):
   """Gradients of `forward` for layouts "btnh" and "blocks".
+
+  Both kernels (dQ and dK/dV) use `tiles.block_m_bwd`, `block_k_bwd`, `num_warps_bwd`
+  and `num_stages_bwd`.
 
   Returns:
     `dq_like [B, Tq, H, w]`, `dk [B, H, nb, Tk, w]` (per query head and grouping block;
     nb = 1 for "btnh") and `dv [B, H, Tk, dv]` (per query head).
   """
+  block_m = block_m_dkv = tiles.block_m_bwd
+  block_k = block_k_dkv = tiles.block_k_bwd
   batch, q_len, heads, width = q_like.shape
   kv_len_padded, kv_heads, dv_width = value.shape[1], value.shape[2], value.shape[3]
   heads_per_kv = heads // kv_heads
   # delta = rowsum(dO * O), the softmax-normalisation term of dS.
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
                      d_out.astype(jnp.float32))
-  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
+                                num_stages=tiles.num_stages_bwd)
 
   # dQ: same grid and key layout as the forward.
   dq = pl.pallas_call(
@@ -199,8 +205,7 @@ def backward(q_like, k_like, value, out, lse, d_out, q_seg, kv_seg, *, layout, s
                                else jnp.float32),
           jax.ShapeDtypeStruct((batch, heads, kv_len_padded, dv_width), dv_dtype),
       ],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps_dkv,
-                                           num_stages=num_stages_dkv),
+      compiler_params=params,
       interpret=interpret,
       name=f"distr_attention_dkdv_{layout}",
   )(q_like, k_tiles, value, d_out, lse, delta, q_seg, kv_seg)

@@ -1,0 +1,76 @@
+"""Shared test helpers (imported by the test modules: `from conftest import qkv`).
+
+Inputs are fresh Gaussian arrays (never zeros) from fixed NumPy seeds, so every run is
+the same and no shape costs a compile to draw.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+# allclose tolerances of a backend's output against the float32 reference, per dtype.
+TOLS = {
+    jnp.float32: dict(atol=2e-5, rtol=2e-5),
+    jnp.float16: dict(atol=5e-3, rtol=5e-3),
+    jnp.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def normal(rng, shape, dtype=jnp.float32):
+  """Standard normal draws of `rng` (a NumPy Generator) as a jnp array of `dtype`."""
+  return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+
+def qkv(seed, batch, q_len, kv_len, heads, kv_heads, d, dv=None, dtype=jnp.float32):
+  """Fresh Gaussian query `[B, Tq, H, d]`, key `[B, Tk, Hkv, d]`, value `[.., dv]`."""
+  rng = np.random.default_rng(seed)
+  dv = d if dv is None else dv
+  return (normal(rng, (batch, q_len, heads, d), dtype),
+          normal(rng, (batch, kv_len, kv_heads, d), dtype),
+          normal(rng, (batch, kv_len, kv_heads, dv), dtype))
+
+
+def bernoulli(seed, p, shape):
+  """bool array, True with probability p."""
+  return jnp.asarray(np.random.default_rng(seed).random(shape) < p)
+
+
+def segments(batch, q_len, kv_len):
+  """Two segments per row: queries from q_len // 3 on and keys from kv_len // 2 on are
+  segment 1 (so the first queries see only the first keys)."""
+  q_seg = jnp.asarray((np.arange(q_len)[None] >= q_len // 3).repeat(batch, 0), jnp.int32)
+  kv_seg = jnp.asarray((np.arange(kv_len)[None] >= kv_len // 2).repeat(batch, 0), jnp.int32)
+  return q_seg, kv_seg
+
+
+def rel_error(a, b):
+  """Relative L2 error of `a` against `b`; fails on any non-finite value of `a`."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  assert np.all(np.isfinite(a)), "non-finite values (unwritten or NaN outputs)"
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_close(x, y, tol):
+  """`tol`: a dict of allclose tolerances, or a float bound on the relative L2 error."""
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+  assert np.all(np.isfinite(x)), "non-finite values"
+  if isinstance(tol, dict):
+    np.testing.assert_allclose(x, y, **tol)
+  else:
+    assert rel_error(x, y) < tol, rel_error(x, y)
+
+
+def random_inputs(seed, batch, q_len, kv_len, heads, kv_heads, d, dtype=jnp.bfloat16):
+  """Random normal (q, k, v) drawn on the device (jax.random: no host transfer of large
+  arrays) and a spare PRNG key."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (batch, q_len, heads, d), dtype)
+  k = jax.random.normal(ks[1], (batch, kv_len, kv_heads, d), dtype)
+  v = jax.random.normal(ks[2], (batch, kv_len, kv_heads, d), dtype)
+  return q, k, v, ks[3]
