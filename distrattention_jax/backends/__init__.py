@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from distrattention_jax.backends import base
 from distrattention_jax.backends import cudnn
+from distrattention_jax.backends import mosaic
 from distrattention_jax.backends import triton
 from distrattention_jax.backends import xla
 
@@ -19,7 +20,7 @@ Backend = base.Backend
 Problem = base.Problem
 
 REGISTRY: tuple[base.Backend, ...] = (
-    # The Mosaic GPU backend (issue 13) goes first here: mosaic.MosaicBackend(),
+    mosaic.MosaicBackend(),   # Hopper, our kernels (pallas_kernels/mosaic_gpu)
     cudnn.CudnnBackend(),
     triton.TritonBackend(),
     triton.TritonBackend(interpret=True),

@@ -1,0 +1,82 @@
+"""The "mosaic" backend: DistrAttention through our warp-specialised Hopper kernels.
+
+Grouping in XLA (Q_rep with the softmax scale folded in, K_fused), attention in
+`pallas_kernels.mosaic_gpu`: an `r = d/G`-wide score product and a full-width V, forward
+and backward, causal, GQA (K_fused may have one head per query head while V keeps its
+kv heads). One grouping block per sequence runs one kernel call; grouping blocks of a
+multiple of 128 rows run one call per block with that block's K_fused.
+Measured on an H100 (docs/KERNEL_NOTES.md, 2026-11-25): 1.31x cuDNN forward and 1.47x
+forward+backward at d=128, G=4, N=16384 (kernel time); G=1 is 0.99x forward, 0.90x
+forward+backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from distrattention_jax.backends import base
+
+MIN_BLOCK = 128  # grouping blocks: a multiple of the kernels' 128-row query tile
+
+
+@functools.cache
+def _is_hopper_or_newer() -> bool:
+  try:
+    capability = jax.devices()[0].compute_capability
+  except (AttributeError, RuntimeError):
+    return False
+  major = int(str(capability).split(".")[0])
+  return major >= 9
+
+
+def _supports(problem: base.Problem) -> str | None:
+  if problem.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"{jnp.dtype(problem.dtype).name} inputs (the Mosaic kernels take bfloat16 or float16)"
+  if problem.has_mask:
+    return "a dense boolean `mask` (use implementation='xla' or 'triton')"
+  if problem.has_segment_ids:
+    return "segment_ids (use implementation='triton' or 'xla')"
+  if problem.has_q_lengths or problem.has_kv_lengths:
+    return "per-sequence lengths (query_seq_lengths / key_value_seq_lengths)"
+  if problem.group_size > 1 and problem.num_blocks > 1 and problem.block_q % MIN_BLOCK:
+    return (f"grouping blocks of {problem.block_q} rows (the Mosaic kernels take one "
+            f"grouping per sequence or blocks of a multiple of {MIN_BLOCK} rows)")
+  width, value_dim = problem.width, problem.value_dim
+  if width % 16 or not 16 <= width <= 256:
+    return f"a score width d/G={width} (the Mosaic kernels need a multiple of 16 in [16, 256])"
+  if value_dim % 64 or not 64 <= value_dim <= 256:
+    return f"value head_dim {value_dim} (the Mosaic kernels need 64, 128, 192 or 256)"
+  if width + value_dim > 384:
+    return f"score width {width} with value width {value_dim} (shared memory)"
+  if problem.platform == "gpu" and not _is_hopper_or_newer():
+    return "this GPU (the Mosaic kernels need Hopper, compute capability 9.0)"
+  return None
+
+
+class MosaicBackend(base.Backend):
+  """DistrAttention through pallas_kernels.mosaic_gpu (see the module docstring)."""
+
+  name = "mosaic"
+  needs_gpu = True
+  off_gpu_hint = "use 'xla' or 'triton_interpret' on a CPU"
+
+  def supports(self, problem):
+    return _supports(problem)
+
+  def __call__(self, query, key, value, reduction, masks, problem):
+    """`[B, Tq, H, dv]`; rows with no key to attend are 0 (the kernels return 0 there)."""
+    from pallas_kernels.mosaic_gpu import attention as mosaic  # pylint: disable=import-outside-toplevel
+    causal = masks.is_causal
+    if reduction is None:
+      q = (query.astype(jnp.float32) * problem.scale).astype(query.dtype)
+      return mosaic.attention(q, key, value, causal=causal)
+    q_rep = reduction.q_rep(query, problem.scale).astype(query.dtype)   # [B, Tq, H, r]
+    if reduction.num_blocks == 1:
+      return mosaic.attention(q_rep, reduction.k_fused(key), value, causal=causal)
+    k_blocks = reduction.k_fused_blocks(key)                  # [B, Hk, nb, Tk, r]
+    k_blocks = jnp.transpose(k_blocks, (0, 2, 3, 1, 4))       # [B, nb, Tk, Hk, r]
+    return mosaic.attention_blocked(q_rep, k_blocks, value, group_block_q=reduction.block_q,
+                                    causal=causal)
