@@ -15,7 +15,7 @@ import pytest
 
 from pallas_kernels.mosaic_gpu import attention as mosaic
 from pallas_kernels.mosaic_gpu import tiles as mosaic_tiles
-from tests.gpu_parity import rel_error, requires_gpu
+from conftest import rel_error, requires_gpu
 
 
 def reference(q, k, v, causal, q_offset=0):
