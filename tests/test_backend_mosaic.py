@@ -4,8 +4,10 @@ real-size forward/gradient checks on a GPU. The kernels' own parity tests are in
 tests/test_mosaic_gpu.py.
 """
 
+import dataclasses
 import functools
 import warnings
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 
 import distrattention_jax as dj
 from distrattention_jax import config, grouping
+from distrattention_jax import backends
 from distrattention_jax.backends import base
 from distrattention_jax.backends import mosaic as mosaic_backend
 
@@ -50,6 +53,17 @@ def test_refuses_what_the_kernels_lack(kwargs, message):
 def test_supports(d, group_size, block_q):
   assert mosaic_backend.MosaicBackend().supports(
       _problem(d=d, dv=d, group_size=group_size, block_q=block_q)) is None
+
+
+@pytest.mark.parametrize("group_size,picked", [(1, False), (2, True), (4, True)])
+def test_none_picks_mosaic_only_where_it_was_faster(group_size, picked):
+  # On a (pretended) Hopper GPU: G=1 goes to a later backend (cuDNN on a real GPU; our
+  # G=1 fwd+bwd measured 0.90x of cuDNN's), G > 1 to mosaic.
+  problem = dataclasses.replace(_problem(group_size=group_size), platform="gpu")
+  with mock.patch.object(mosaic_backend, "_is_hopper_or_newer", return_value=True):
+    assert mosaic_backend.MosaicBackend().supports(problem) is None
+    assert (backends.select(None, problem).name == "mosaic") == picked
+    assert backends.select("mosaic", problem).name == "mosaic"
 
 
 @pytest.mark.parametrize("group_size,block_q,causal", [(1, 64, False), (4, 1024, True),

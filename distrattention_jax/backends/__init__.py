@@ -1,8 +1,9 @@
 """The backends and their registry: the only list of them.
 
 `REGISTRY` is in preference order: `implementation=None` picks the first selectable
-backend that supports the call (`supports(problem) is None`) on the platform in use
-(GPU backends only when `jax.default_backend() == "gpu"`). `ALIASES` keeps older names.
+backend that supports the call (`supports(problem) is None`) and prefers it
+(`preferred_for(problem)`: False where a later backend was measured faster) on the
+platform in use (GPU backends only when `jax.default_backend() == "gpu"`). `ALIASES` keeps older names.
 To add a backend: write a `base.Backend` subclass in a module here and put an instance
 in `REGISTRY` at its place in the preference order (docs/DESIGN.md, "How to add a
 backend"); `distr_attention`, validation and the error messages pick it up from here.
@@ -59,7 +60,7 @@ def select(implementation: str | None, problem: base.Problem) -> base.Backend:
   if implementation is None:
     for backend in REGISTRY:
       if (backend.selectable and _runs_here(backend, problem)
-          and backend.supports(problem) is None):
+          and backend.supports(problem) is None and backend.preferred_for(problem)):
         return backend
     raise NotImplementedError("no backend supports this call")  # "xla" supports all
   backend = get(implementation)

@@ -7,6 +7,9 @@ A backend is an object with
   uses_grouping_kernel: bool     the grouping may run its Pallas kernel (GPU kernel
                                  backends only: "xla" runs no Pallas code)
   supports(problem) -> None | str
+  preferred_for(problem) -> bool
+                                 whether `implementation=None` picks it for a call it
+                                 supports (False where a later backend is faster)
                                  None if it computes this call, else what it does not
                                  support, phrased to follow "does not support "
   __call__(query, key, value, reduction, masks, problem) -> [B, Tq, H, dv]
@@ -105,6 +108,15 @@ class Backend:
   def supports(self, problem: Problem) -> str | None:
     del problem
     return None
+
+  def preferred_for(self, problem: Problem) -> bool:
+    """Whether `implementation=None` should pick this backend for a call it supports.
+
+    True by default; a backend returns False where a later one in the registry was
+    measured faster (an explicit `implementation=` still runs it).
+    """
+    del problem
+    return True
 
   def __call__(self, query, key, value, reduction, masks, problem):
     raise NotImplementedError
