@@ -3,8 +3,10 @@
 GPU:   python -m benchmarks.speed                      (B=1, H=16, bf16; see --help)
 CPU:   python -m benchmarks.speed --quick              (tiny shapes, smoke test)
 
-Times forward and forward+backward (`jax.grad` of a sum) for: DistrAttention with
-G in {2, 4} on the accurate path (grouping block = kernel tile, `--block-q-small`) and the
+Times forward and forward+backward (`jax.grad` of a sum) for: DistrAttention through our
+Mosaic GPU kernels ("mosaic-distr", one grouping per sequence or per `--block-q-large`
+rows; "mosaic-lowrank" with grouping="lowrank"), through cuDNN ("cudnn-distr"), and with
+G in {2, 4} through our Triton kernels on the accurate path (grouping block = kernel tile, `--block-q-small`) and the
 fast path (grouping block `--block-q-large`), our G=1, cuDNN, XLA (where it fits), JAX's
 Pallas `mha`, and tokamax (if importable). Warm-up, medians, rotated inputs. Writes
 `benchmarks/results/speed-<device>-<date>.json` and PNG plots.
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 
 from benchmarks import timing
 import distrattention_jax as dj
+from distrattention_jax import grouping as grouping_lib
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 warnings.filterwarnings("ignore", message=".*pallas.ops.gpu.attention is deprecated")
@@ -52,6 +55,18 @@ def implementations(args, n, d, causal, gpu):
         # Small grouping blocks: exact cuDNN on Q_exp ("expand").
         fns[f"cudnn-distr G={g} bq={args.block_q_small}"] = functools.partial(
             cudnn, group_size=g, block_q=args.block_q_small)
+    mosaic = functools.partial(dj.distr_attention, is_causal=causal, implementation="mosaic")
+    fns["mosaic G=1"] = functools.partial(mosaic, group_size=1)
+    for g in args.groups:
+      if d % g == 0:
+        # One grouping per sequence (one kernel call), and grouping blocks of
+        # --block-q-large rows (K_fused per block, one call per block).
+        fns[f"mosaic-distr G={g} bq=N"] = functools.partial(mosaic, group_size=g, block_q=n)
+        fns[f"mosaic-distr G={g} bq={args.block_q_large}"] = functools.partial(
+            mosaic, group_size=g, block_q=args.block_q_large)
+        if "lowrank" in grouping_lib.grouping_names():
+          fns[f"mosaic-lowrank G={g} bq=N"] = functools.partial(
+              mosaic, group_size=g, block_q=n, grouping="lowrank")
     fns["cudnn"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                      implementation="cudnn")
     try:
