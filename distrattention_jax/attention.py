@@ -108,6 +108,7 @@ def distr_attention(
       keys of their own segment only.
     query_seq_lengths, key_value_seq_lengths: int `[batch]`; positions at or past the
       length are padding (padding query rows return 0 and do not affect the grouping).
+      Known lengths must lie in [0, seq_len]; traced ones (under jit) are clipped to it.
     implementation: None (fastest available: on a GPU "cudnn" when it supports the
       options, else "pallas"; "xla" elsewhere), "xla", "cudnn" (the grouping in XLA,
       attention in cuDNN's fused kernels; with one grouping per sequence the score

@@ -46,3 +46,75 @@ def test_nnx_causal_routes_run_and_match_xla_is_causal():
                                       decode=False)
   np.testing.assert_allclose(flax_layer(x, is_causal=True), expected(True), atol=2e-5)
   np.testing.assert_allclose(flax_layer(x), expected(False), atol=2e-5)
+
+
+# --- item 3: arguments silently changed or accepted -------------------------------------
+
+def _qkv(batch=2, length=16, heads=2, d=16, seed=0):
+  return tuple(_x((batch, length, heads, d), seed + i) for i in range(3))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas_interpret"])
+def test_int64_segment_ids_are_not_truncated(implementation):
+  q, k, v = _qkv()
+  kw = dict(group_size=2, block_q=16, implementation=implementation)
+  two = jnp.asarray(np.repeat([[0, 1]], 8, axis=1).repeat(2, 0), jnp.int32)
+  expected = dj.distr_attention(q, k, v, segment_ids=two, **kw)
+  with jax.enable_x64(True):
+    wide = jnp.asarray(np.repeat([[0, 2**32]], 8, axis=1).repeat(2, 0), jnp.int64)
+    assert wide.dtype == jnp.int64
+    eager = dj.distr_attention(q, k, v, segment_ids=wide, **kw)
+    traced = jax.jit(lambda s: dj.distr_attention(q, k, v, segment_ids=s, **kw))(wide)
+    pair = dj.distr_attention(q, k, v, segment_ids=(wide, wide), **kw)
+    ref = dj.exact_attention(q, k, v, segment_ids=wide)
+  np.testing.assert_allclose(eager, expected, atol=1e-6)
+  np.testing.assert_allclose(traced, expected, atol=1e-6)
+  np.testing.assert_allclose(pair, expected, atol=1e-6)
+  np.testing.assert_allclose(ref, dj.exact_attention(q, k, v, segment_ids=two), atol=1e-6)
+
+
+def test_int64_lengths_are_not_truncated():
+  q, k, v = _qkv()
+  expected = dj.distr_attention(q, k, v, key_value_seq_lengths=jnp.array([16, 16]),
+                                implementation="xla")
+  with jax.enable_x64(True):
+    wide = jnp.array([2**32 + 3, 16], jnp.int64)
+    with pytest.raises(ValueError, match="key_value_seq_lengths"):
+      dj.distr_attention(q, k, v, key_value_seq_lengths=wide, implementation="xla")
+    # Traced lengths cannot be checked: they are clipped to [0, T] (not wrapped to 3).
+    traced = jax.jit(lambda n: dj.distr_attention(
+        q, k, v, key_value_seq_lengths=n, implementation="xla"))(wide)
+  np.testing.assert_allclose(traced, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["query_seq_lengths", "key_value_seq_lengths"])
+@pytest.mark.parametrize("bad", [[-1, 4], [17, 4]])
+def test_lengths_outside_zero_to_t_are_rejected(name, bad):
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=name):
+    dj.distr_attention(q, k, v, implementation="xla", **{name: jnp.array(bad)})
+  with pytest.raises(ValueError, match=name):
+    dj.exact_attention(q, k, v, **{name: np.array(bad)})
+  # The bounds themselves are fine.
+  dj.distr_attention(q, k, v, implementation="xla", **{name: jnp.array([0, 16])})
+
+
+def test_traced_out_of_range_lengths_are_clipped():
+  q, k, v = _qkv()
+  run = jax.jit(lambda n: dj.distr_attention(q, k, v, query_seq_lengths=n,
+                                             implementation="xla"))
+  np.testing.assert_array_equal(run(jnp.array([-5, 99])),
+                                run(jnp.array([0, 16])))
+
+
+def test_num_projs_bool_and_non_finite_scale_are_rejected():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="num_projs"):
+    dj.distr_attention(q, k, v, grouping="lsh", num_projs=True)
+  with pytest.raises(ValueError, match="num_projs"):
+    dj.make_attention_fn(num_projs=True)
+  for bad in (float("nan"), float("inf"), -float("inf"), np.float32("nan")):
+    with pytest.raises(ValueError, match="scale"):
+      dj.distr_attention(q, k, v, scale=bad)
+    with pytest.raises(ValueError, match="scale"):
+      dj.distr_attention_reference(q, k, v, scale=bad)
