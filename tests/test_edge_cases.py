@@ -118,3 +118,49 @@ def test_num_projs_bool_and_non_finite_scale_are_rejected():
       dj.distr_attention(q, k, v, scale=bad)
     with pytest.raises(ValueError, match="scale"):
       dj.distr_attention_reference(q, k, v, scale=bad)
+
+
+# --- item 4: huge logits in the Pallas kernels --------------------------------------------
+
+@pytest.mark.parametrize("group_size,block_q", [(1, 64), (2, 16), (2, 256)])  # btnh, gather, blocks
+@pytest.mark.parametrize("length,is_causal", [(40, False), (100, True)])
+def test_pallas_huge_logits_stay_finite_and_match_reference(group_size, block_q, length,
+                                                             is_causal):
+  q = _x((1, length, 2, 16), 0) * 1e9  # float32 logits ~1e9: one-hot attention
+  k, v = _x((1, length, 2, 16), 1), _x((1, length, 2, 16), 2)
+  kw = dict(group_size=group_size, block_q=block_q, is_causal=is_causal)
+  out = dj.distr_attention(q, k, v, implementation="pallas_interpret", **kw)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, dj.distr_attention_reference(q, k, v, **kw), atol=1e-5)
+
+  def grads(impl):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(dj.distr_attention(  # noqa: E731
+        q, k, v, implementation=impl, **kw)))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  got, want = grads("pallas_interpret"), grads("xla")
+  for g in got:
+    assert np.all(np.isfinite(g))
+  np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+  # dK = dS^T Q: float32 rounding of dS (~1e-7) times |Q| ~ 1e9.
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5 * float(jnp.max(jnp.abs(q))))
+  if not (group_size > 1 and block_q < 256):
+    # ("gather" differentiates at Q_exp K^T, other arithmetic than its forward's
+    # Q_rep K_fused^T: at these magnitudes the recomputed probabilities differ.)
+    np.testing.assert_allclose(got[2], want[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_pallas_negative_and_zero_scale(scale):
+  q, k, v = _x((1, 24, 2, 16), 3), _x((1, 24, 2, 16), 4), _x((1, 24, 2, 16), 5)
+  kw = dict(group_size=2, block_q=16, scale=scale, key_value_seq_lengths=jnp.array([20]),
+            is_causal=True)
+
+  def run(impl):
+    f = lambda q, k, v: dj.distr_attention(q, k, v, implementation=impl, **kw)  # noqa: E731
+    return f(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+
+  (out, grads), (ref, ref_grads) = run("pallas_interpret"), run("xla")
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  for a, b in zip(grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=2e-5)
