@@ -88,7 +88,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
       k_t = k_ref[members[0], keys].astype(jnp.float32)      # [w, bk]
       for member in members[1:]:
         k_t += k_ref[member, keys].astype(jnp.float32)
-      s = jnp.dot(q, k_t.astype(q.dtype), preferred_element_type=jnp.float32)
+      if q.dtype == jnp.float32:
+        s = jnp.dot(q, k_t, preferred_element_type=jnp.float32)
+      else:
+        # The float32 sum as two terms of q's dtype (hi + lo: ~16 mantissa bits), so the
+        # products stay half-precision MMAs; rounding the sum to q's dtype gave 1.5-2x
+        # the XLA path's error in bf16 with sharp attention.
+        k_hi = k_t.astype(q.dtype)
+        k_lo = (k_t - k_hi.astype(jnp.float32)).astype(q.dtype)
+        s = (jnp.dot(q, k_hi, preferred_element_type=jnp.float32)
+             + jnp.dot(q, k_lo, preferred_element_type=jnp.float32))
     else:
       s = jnp.dot(q, k_ref[keys, :].T, preferred_element_type=jnp.float32)
     if scale < 0:
