@@ -117,8 +117,10 @@ def distr_attention(
     sharding: how `query` is sharded, a `NamedSharding` over its BTNH axes. Batch and
       head axes may be sharded (key/value alike, over their kv heads): the computation
       then runs per shard under `jax.shard_map`, with no all-gather of q/k/v. Sharding
-      the sequence or head_dim axis raises NotImplementedError. Without it, sharded
-      inputs to a Pallas kernel would be gathered onto every device by XLA.
+      the sequence or head_dim axis raises NotImplementedError. Without it, a query
+      whose type carries a sharding (Explicit mesh axes) is run per shard the same way;
+      under Auto axes the "xla" path partitions along batch and heads by itself, but
+      sharded inputs to a Pallas kernel would be gathered onto every device by XLA.
 
   Returns:
     `[batch, q_len, heads, dv]` in the input dtype. Rows with no key to attend are 0.
@@ -135,6 +137,8 @@ def distr_attention(
                           scale=scale, is_causal=masks.is_causal)
   arrays = (query, key, value, masks.mask, masks.q_segment_ids, masks.kv_segment_ids,
             masks.q_lengths, masks.kv_lengths)
+  if sharding is None:
+    sharding = sharding_lib.explicit_sharding(query)  # explicit sharding in the type
   if sharding is None:
     return run(*arrays)
   return sharding_lib.shard_over_batch_and_heads(run, sharding, arrays)
