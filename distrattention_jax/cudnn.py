@@ -48,7 +48,7 @@ def supports(masks, dtype, head_dim: int, value_dim: int) -> str | None:
     return ("a dense boolean `mask` (express it with is_causal, query_seq_lengths or "
             "key_value_seq_lengths)")
   if masks.q_segment_ids is not None:
-    return "segment_ids (use implementation='pallas' or 'xla')"
+    return "segment_ids"
   for name, dim in (("head_dim", head_dim), ("value head_dim", value_dim)):
     if dim % 8 or dim > MAX_HEAD_DIM:
       return f"{name}={dim} (cuDNN needs a multiple of 8, at most {MAX_HEAD_DIM})"

@@ -189,3 +189,20 @@ def test_pallas_gather_bf16_error_matches_xla(group_size):
   # Rounding K_fused to bf16 gave ~1.45x XLA's RMS error here (the max error is noisier).
   assert pallas_rms <= 1.15 * xla_rms, (pallas_rms, xla_rms)
   assert pallas_max <= 1.5 * xla_max, (pallas_max, xla_max)
+
+
+# --- item 7: cuDNN refusals give their advice once ----------------------------------------
+
+@pytest.mark.parametrize("case", ["float32", "segment_ids", "mask", "head_dim"])
+def test_cudnn_refusals_say_their_advice_once(case):
+  q = _x((1, 32, 2, 16), 0, jnp.bfloat16)
+  kwargs = {"float32": dict(q=q.astype(jnp.float32)),
+            "segment_ids": dict(segment_ids=jnp.zeros((1, 32), jnp.int32)),
+            "mask": dict(mask=jnp.ones((32, 32), bool)),
+            "head_dim": dict(q=q[..., :12])}[case]
+  x = kwargs.pop("q", q)
+  with pytest.raises(NotImplementedError) as info:
+    dj.distr_attention(x, x, x, implementation="cudnn", **kwargs)
+  message = str(info.value)
+  assert message.count("use implementation=") == 1, message
+  assert message.count("'pallas'") == 1, message
