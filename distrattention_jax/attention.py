@@ -62,19 +62,24 @@ def distr_attention(
       keys of their own segment only.
     query_seq_lengths, key_value_seq_lengths: int `[batch]`; positions at or past the
       length are padding (padding query rows return 0 and do not affect the grouping).
+      Known lengths must lie in [0, seq_len]; traced ones (under jit) are clipped to it.
     implementation: None (the first backend of `backends.REGISTRY`, in preference order,
-      that supports the options on this platform: on a GPU "cudnn", else "triton";
-      "xla" elsewhere), "xla", "cudnn" (the grouping in XLA, attention in cuDNN's fused
-      kernels; with one grouping per sequence the score product is d/G wide), "triton"
-      (our Pallas Triton kernels, GPU) or "triton_interpret" (the same kernels in the
-      Pallas interpreter, any platform). "pallas" and "pallas_interpret" are aliases of
-      "triton" and "triton_interpret". "xla" runs no Pallas code (greedy grouping
-      included).
+      that supports the options on this platform and is preferred for them: on a Hopper
+      GPU "mosaic" for group_size > 1, else "cudnn", else "triton"; "xla" elsewhere),
+      "mosaic" (our Pallas Mosaic GPU kernels, Hopper: a d/G-wide score product in a
+      warp-specialised kernel), "xla", "cudnn" (the grouping in XLA, attention in
+      cuDNN's fused kernels; with one grouping per sequence the score product is d/G
+      wide), "triton" (our Pallas Triton kernels, GPU) or "triton_interpret" (the same
+      kernels in the Pallas interpreter, any platform). "pallas" and "pallas_interpret"
+      are aliases of "triton" and "triton_interpret". "xla" runs no Pallas code (greedy
+      grouping included).
     sharding: how `query` is sharded, a `NamedSharding` over its BTNH axes. Batch and
       head axes may be sharded (key/value alike, over their kv heads): the computation
       then runs per shard under `jax.shard_map`, with no all-gather of q/k/v. Sharding
-      the sequence or head_dim axis raises NotImplementedError. Without it, sharded
-      inputs to a Pallas kernel would be gathered onto every device by XLA.
+      the sequence or head_dim axis raises NotImplementedError. Without it, a query
+      whose type carries a sharding (Explicit mesh axes) is run per shard the same way;
+      under Auto axes the "xla" path partitions along batch and heads by itself, but
+      sharded inputs to a Pallas kernel would be gathered onto every device by XLA.
 
   Returns:
     `[batch, q_len, heads, dv]` in the input dtype. Rows with no key to attend are 0.
@@ -90,6 +95,8 @@ def distr_attention(
   problem = backends.Problem.from_call(query, key, value, masks, cfg, scale)
   backend = backends.select(cfg.implementation, problem)
   run = functools.partial(_distr_attention, backend=backend, problem=problem)
+  if sharding is None:
+    sharding = sharding_lib.explicit_sharding(query)  # explicit sharding in the type
   if sharding is None:
     return run(query, key, value, masks)
   return sharding_lib.shard_over_batch_and_heads(run, sharding, query, key, value, masks)

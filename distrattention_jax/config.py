@@ -49,8 +49,8 @@ class DistrConfig:
           f"group_size={self.group_size} must divide the head dimension d={head_dim}; "
           f"allowed group sizes for d={head_dim}: "
           f"{[g for g in (1, 2, 4, 8, 16, 32, 64) if head_dim % g == 0]}")
-    if not isinstance(self.num_projs, (int, np.integer)) or not (
-        1 <= self.num_projs <= lsh.MAX_NUM_PROJS):
+    if (not isinstance(self.num_projs, (int, np.integer)) or isinstance(self.num_projs, bool)
+        or not 1 <= self.num_projs <= lsh.MAX_NUM_PROJS):
       raise ValueError(
           f"num_projs must be an int in [1, {lsh.MAX_NUM_PROJS}], got {self.num_projs!r}")
     if self.representative not in REPRESENTATIVES:
@@ -90,7 +90,8 @@ class Masks:
     q_segment_ids, kv_segment_ids: int32 `[batch, q_len]`, `[batch, kv_len]`: a query
       attends only keys of its own segment; or None.
     q_lengths, kv_lengths: int32 `[batch]`: rows/keys at or past the length are padding;
-      or None. Padding query rows produce zeros.
+      or None. Padding query rows produce zeros. Known lengths outside [0, T] are
+      rejected; traced ones (under jit) are clipped to [0, T].
   """
 
   is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -133,6 +134,37 @@ class Masks:
     return out
 
 
+def _concrete(x) -> np.ndarray | None:
+  """The values of `x` if known now (not traced under jit), else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def _segment_ids_int32(q_seg, kv_seg):
+  """int32 segment ids with exactly the equalities of the given ones.
+
+  Ids that fit in int32 (known values, or a dtype of at most 32 bits) are converted
+  as they are; other ids (int64 in x64 mode: traced, or beyond int32) are renumbered
+  per batch row by their rank among the row's query and key ids.
+  """
+  if jnp.iinfo(q_seg.dtype).bits <= 32 and jnp.iinfo(kv_seg.dtype).bits <= 32:
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+  int32 = np.iinfo(np.int32)
+  known = [_concrete(s) for s in (q_seg, kv_seg)]
+  if all(v is not None and (v.size == 0 or (v.min() >= int32.min and v.max() <= int32.max))
+         for v in known):
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+  both = jnp.concatenate([q_seg, kv_seg], axis=1)
+  order = jnp.argsort(both, axis=1)
+  ordered = jnp.take_along_axis(both, order, axis=1)
+  new = jnp.concatenate([jnp.zeros_like(ordered[:, :1], dtype=jnp.int32),
+                         jnp.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1,
+                                    dtype=jnp.int32)], axis=1)
+  ranks = jnp.zeros_like(new).at[jnp.arange(both.shape[0])[:, None], order].set(new)
+  return ranks[:, :q_seg.shape[1]], ranks[:, q_seg.shape[1]:]
+
+
 def validate_inputs(query, key, value, *, scale, is_causal, mask, segment_ids,
                     query_seq_lengths, key_value_seq_lengths) -> Masks:
   """Checks shapes, dtypes and masks of the inputs; returns the normalised `Masks`."""
@@ -172,6 +204,8 @@ def validate_inputs(query, key, value, *, scale, is_causal, mask, segment_ids,
         f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) (GQA)")
   if scale is not None and not isinstance(scale, (int, float, np.floating, np.integer)):
     raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
+  if scale is not None and not np.isfinite(scale):
+    raise ValueError(f"scale must be a finite number or None, got {scale!r}")
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
 
@@ -209,17 +243,23 @@ def validate_inputs(query, key, value, *, scale, is_causal, mask, segment_ids,
         raise ValueError(f"segment_ids: {name} must have shape {(batch, n)}, got {s.shape}")
       if not jnp.issubdtype(s.dtype, jnp.integer):
         raise ValueError(f"segment_ids: {name} must be integer, got {s.dtype}")
-    q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    q_seg, kv_seg = _segment_ids_int32(q_seg, kv_seg)
 
   lengths = []
-  for name, lens in (("query_seq_lengths", query_seq_lengths),
-                     ("key_value_seq_lengths", key_value_seq_lengths)):
+  for name, lens, n in (("query_seq_lengths", query_seq_lengths, q_len),
+                        ("key_value_seq_lengths", key_value_seq_lengths, kv_len)):
     if lens is not None:
       lens = jnp.asarray(lens)
       if lens.shape != (batch,) or not jnp.issubdtype(lens.dtype, jnp.integer):
         raise ValueError(f"{name} must be an integer array of shape {(batch,)}, got "
                          f"{lens.dtype}{lens.shape}")
-      lens = lens.astype(jnp.int32)
+      values = _concrete(lens)
+      if values is not None and (values.min() < 0 or values.max() > n):
+        raise ValueError(f"{name} must lie in [0, {n}] (the sequence length), got "
+                         f"{values.tolist()}")
+      # Traced lengths cannot be checked: they are clipped to [0, n] (in their own
+      # dtype, so int64 values are never wrapped by the int32 conversion).
+      lens = jnp.clip(lens, 0, n).astype(jnp.int32)
     lengths.append(lens)
 
   return Masks(is_causal=bool(is_causal), mask=mask, q_segment_ids=q_seg,

@@ -65,7 +65,8 @@ def make_attention_fn(config: config_lib.DistrConfig | None = None, *,
     # `precision` and `force_fp32_for_softmax` are honoured as they are; dropout is
     # checked below.
     del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
-    causal = is_causal or bool(kwargs.pop("is_causal", False))  # NNX passes is_causal
+    # NNX always passes is_causal: pop it first (an `or` would skip the pop).
+    causal = bool(kwargs.pop("is_causal", False)) or is_causal
     for name in _IGNORED_IF_NONE:
       if kwargs.pop(name, None) is not None:
         raise NotImplementedError(f"DistrAttention's attention_fn does not take {name}")

@@ -128,22 +128,32 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   norms = jnp.diagonal(gram, axis1=-2, axis2=-1)              # squared column norms
   dist = norms[..., :, None] + norms[..., None, :] - 2 * gram  # squared distances
 
+  cols = jnp.arange(d)
+
   def one_block(norms, dist):
+    # Only elementwise ops, argmax/argmin reductions and a row read per step, vmapped
+    # over the (batch, heads, blocks) axes as they are: GSPMD partitions it along a
+    # sharded batch/heads axis. (`lax.top_k` and a reshape merging those axes made it
+    # all-gather the Gram matrices.) The G-1 nearest are picked one argmin at a time:
+    # the ties go to the lower index, as with top_k and the Pallas kernel.
     def step(g, carry):
       remaining, perm = carry
       seed = jnp.argmax(jnp.where(remaining, norms, -jnp.inf))
-      remaining = remaining.at[seed].set(False)
-      _, nearest = jax.lax.top_k(-jnp.where(remaining, dist[seed], jnp.inf), group_size - 1)
-      remaining = remaining.at[nearest].set(False)
-      members = jnp.concatenate([seed[None], nearest]).astype(jnp.int32)
+      remaining = remaining & (cols != seed)
+      row = dist[seed]
+      members = [seed]
+      for _ in range(group_size - 1):
+        nearest = jnp.argmin(jnp.where(remaining, row, jnp.inf))
+        remaining = remaining & (cols != nearest)
+        members.append(nearest)
+      members = jnp.stack(members).astype(jnp.int32)
       perm = jax.lax.dynamic_update_slice(perm, members, (g * group_size,))
       return remaining, perm
 
     init = (jnp.ones((d,), bool), jnp.zeros((d,), jnp.int32))
     return jax.lax.fori_loop(0, d // group_size, step, init)[1]
 
-  flat = jax.vmap(one_block)(norms.reshape(-1, d), dist.reshape(-1, d, d))
-  return flat.reshape(batch, heads, num_blocks, d)
+  return jax.vmap(jax.vmap(jax.vmap(one_block)))(norms, dist)
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,6 +19,24 @@ def _axes(spec, ndim):
   return entries
 
 
+def explicit_sharding(query) -> jax.sharding.NamedSharding | None:
+  """The query's sharding when its type carries one (Explicit mesh axes), else None.
+
+  Lets batch/head-sharded inputs under explicit sharding run per shard without a
+  `sharding=` argument (the XLA ops would otherwise meet sharding-in-types errors and
+  the Pallas kernels a gather). Auto-mode shardings are invisible here; GSPMD
+  partitions the XLA path along batch and heads.
+  """
+  sharding = getattr(jax.typeof(query), "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  if not any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+    return None
+  if all(entry is None for entry in sharding.spec):
+    return None
+  return sharding
+
+
 def shard_over_batch_and_heads(fn, sharding, query, key, value, masks):
   """`fn(query, key, value, masks)` per shard of `sharding`.
 

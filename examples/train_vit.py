@@ -7,9 +7,11 @@ Config (the main job, runs on a CPU in a few minutes; on a GPU the Pallas kernel
 trains the same ViT (width 64, depth 4, 4 heads of 16 dims, 2x2 patches -> 16 tokens +
 [cls]) on scikit-learn's handwritten digits (1,797 8x8 images, fixed 80/20 split) twice,
 with exact attention and with DistrAttention (G=2, block_q=16, "mean", greedy grouping),
-and writes `examples/out/summary.json` and `examples/out/curves.png`.
-Expected (2-core CPU, XLA path, seed 0, jax 0.12, 2026-11-24): exact test accuracy
-0.936, DistrAttention 0.942, about 60 s for both (`--grouping lsh`: 0.944, 45 s).
+and writes `examples/out/summary.json`, `examples/out/curves.png` and a checkpoint per
+run (`examples/out/checkpoint-{exact,distr}/state.msgpack`, used by `--resume`).
+Expected (2-core CPU, XLA path, seed 0, jax 0.12.0.1, 2026-11-25): exact test accuracy
+0.936, DistrAttention 0.942 (`--grouping lsh`: 0.944), about 120 s of CPU time; other
+jax versions give other figures (README).
 
 Other data: `--dataset cifar10 --data-dir DIR` reads the CIFAR-10 python batches
 (data_batch_1..5, test_batch) from DIR. `--devices N` trains data-parallel over N local

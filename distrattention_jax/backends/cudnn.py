@@ -51,7 +51,7 @@ def _supports(problem: base.Problem) -> str | None:
     return ("a dense boolean `mask` (express it with is_causal, query_seq_lengths or "
             "key_value_seq_lengths)")
   if problem.has_segment_ids:
-    return "segment_ids (use implementation='triton' or 'xla')"
+    return "segment_ids"
   for name, dim in (("head_dim", head_dim), ("value head_dim", value_dim)):
     if dim % 8 or dim > MAX_HEAD_DIM:
       return f"{name}={dim} (cuDNN needs a multiple of 8, at most {MAX_HEAD_DIM})"

@@ -29,10 +29,18 @@ from pallas_kernels.triton.forward import LOG2E, build_mask, key_spec
 from pallas_kernels.triton.tiles import Tiles
 
 
-def _probs(q, k, lse, q_pos, k_pos, q_seg, kv_seg, *, qk_scale, causal, kv_len,
+def _probs(q, k, lse, q_pos, k_pos, q_seg, kv_seg, *, scale, causal, kv_len,
            kv_len_padded):
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale
-  p = jnp.exp2(s - lse[:, None])
+  # As the forward: unscaled scores, the scale applied after subtracting the (unscaled)
+  # lse. Clamped at 1: the "gather" forward's lse comes from other arithmetic.
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+  if scale < 0:
+    s = -s
+  qk_scale = abs(scale) * LOG2E
+  if qk_scale:
+    p = jnp.exp2(jnp.minimum((s - lse[:, None]) * qk_scale, 0.0))
+  else:
+    p = jnp.broadcast_to(jnp.exp2(-lse)[:, None], s.shape)
   mask = build_mask(q_pos, k_pos, causal=causal, kv_len=kv_len,
                     kv_len_padded=kv_len_padded, q_seg=q_seg, kv_seg=kv_seg)
   return p if mask is None else jnp.where(mask, p, 0.0)
@@ -56,7 +64,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
     do = do_ref[rows, :]
     q_seg = None if q_seg_ref is None else q_seg_ref[rows]
     p = _probs(q, k, lse_ref[rows], i * block_m + jnp.arange(block_m), k_pos, q_seg, kv_seg,
-               qk_scale=scale * LOG2E, causal=causal, kv_len=kv_len,
+               scale=scale, causal=causal, kv_len=kv_len,
                kv_len_padded=kv_len_padded)                  # [bm, bk]
     dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
@@ -98,7 +106,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
     v = v_ref[keys, :]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
     p = _probs(q, k, lse, q_pos, j * block_k + jnp.arange(block_k), q_seg, kv_seg,
-               qk_scale=scale * LOG2E, causal=causal, kv_len=kv_len,
+               scale=scale, causal=causal, kv_len=kv_len,
                kv_len_padded=kv_len_padded)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])

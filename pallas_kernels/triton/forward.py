@@ -75,7 +75,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
   if layout == "gather":
     members = [idx_ref[j, :] for j in range(group_size)]     # G x [w] column indices
-  qk_scale = scale * LOG2E                                    # exp2 instead of exp
+  # Scores stay unscaled (the sign of `scale` applied exactly): the scale multiplies
+  # `s - m` after the subtraction, so no fused multiply-add can round `s * scale`
+  # differently for the row max and for the exponent (with huge logits, |s| ~ 1e9, that
+  # made the exponent of the max key +-hundreds: NaN or a wrong row). exp2: log2(e) is
+  # folded into the scale.
+  qk_scale = abs(scale) * LOG2E
 
   def body(j, carry, needs_mask=True):
     acc, m_prev, l_prev = carry
@@ -86,10 +91,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
       k_t = k_ref[members[0], keys].astype(jnp.float32)      # [w, bk]
       for member in members[1:]:
         k_t += k_ref[member, keys].astype(jnp.float32)
-      s = jnp.dot(q, k_t.astype(q.dtype), preferred_element_type=jnp.float32)
+      if q.dtype == jnp.float32:
+        s = jnp.dot(q, k_t, preferred_element_type=jnp.float32)
+      else:
+        # The float32 sum as two terms of q's dtype (hi + lo: ~16 mantissa bits), so the
+        # products stay half-precision MMAs; rounding the sum to q's dtype gave 1.5-2x
+        # the XLA path's error in bf16 with sharp attention.
+        k_hi = k_t.astype(q.dtype)
+        k_lo = (k_t - k_hi.astype(jnp.float32)).astype(q.dtype)
+        s = (jnp.dot(q, k_hi, preferred_element_type=jnp.float32)
+             + jnp.dot(q, k_lo, preferred_element_type=jnp.float32))
     else:
       s = jnp.dot(q, k_ref[keys, :].T, preferred_element_type=jnp.float32)
-    s = s * qk_scale                                          # [bm, bk]
+    if scale < 0:
+      s = -s                                                  # [bm, bk]
     mask = None
     if needs_mask:
       kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
@@ -99,9 +114,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
       s = jnp.where(mask, s, MASK_VALUE)
     # Step 5: online softmax.
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-    correction = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    if q_seg is not None:  # a row may have no allowed key so far: keep its sum at 0
+    correction = jnp.exp2((m_prev - m_next) * qk_scale)
+    p = jnp.exp2((s - m_next[:, None]) * qk_scale)
+    if mask is not None:  # a row may have no allowed key so far: keep its sum at 0
       p = jnp.where(mask, p, 0.0)
     l_next = correction * l_prev + jnp.sum(p, axis=-1)
     v = v_ref[keys, :]
@@ -127,8 +142,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, idx_ref, q_seg_ref, kv_seg_ref, o_ref, 
     acc, m, l = jax.lax.fori_loop(0, num_k_tiles, body, carry)
   has_keys = l > 0
   o_ref[...] = (acc / jnp.where(has_keys, l, 1.0)[:, None]).astype(o_ref.dtype)
-  # Base-2 log-sum-exp; +inf for rows with no key so the backward's probabilities are 0.
-  lse_ref[...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), jnp.inf)
+  # Log-sum-exp in unscaled score units (p = exp2((s - lse) * qk_scale); for scale 0,
+  # log2 of the sum, p = exp2(-lse)); +inf for rows with no key so the backward's
+  # probabilities are 0.
+  log2_l = jnp.log2(jnp.where(has_keys, l, 1.0))
+  lse = m + log2_l / qk_scale if qk_scale else log2_l
+  lse_ref[...] = jnp.where(has_keys, lse, jnp.inf)
 
 
 @functools.partial(
@@ -149,7 +168,8 @@ def forward(q_like, k_like, value, member_idx, q_seg, kv_seg, *, layout, scale, 
     tiles: the launch's tiles (`block_m`, `block_k`, `num_warps`, `num_stages` used).
 
   Returns:
-    `(out [B, Tq, H, dv] in q_like's dtype, lse [B, H, Tq] float32, base 2)`.
+    `(out [B, Tq, H, dv] in q_like's dtype, lse [B, H, Tq] float32)`: the log-sum-exp
+    in unscaled score units, base 2 (see the kernel's end; only `backward` reads it).
   """
   block_m, block_k = tiles.block_m, tiles.block_k
   batch, q_len, heads, width = q_like.shape
