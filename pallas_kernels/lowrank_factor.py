@@ -44,6 +44,11 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
+def _total(x):
+  """Sum of a 2-D array (two 1-D reductions: lowers everywhere a full reduction may not)."""
+  return jnp.sum(jnp.sum(x, axis=1), axis=0)
+
+
 def _column(x, j, cols):
   """Column j of a 2-D array as a vector (a masked reduction, no dynamic slicing)."""
   return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1)
@@ -111,8 +116,8 @@ def factor_pair(gq_mul, gk_mul, z0, *, steps: int):
     z, gz = metric_orth(z, gz, FINAL_TOL if last else INNER_FLOOR, drop=last)
   z, gz = metric_orth(z, gz, FINAL_TOL)      # again: Z^T Gk Z = I to rounding
   a, b = gz, z
-  qa2 = jnp.sum(a * gq_mul(a))  # |Q A|^2
-  kb2 = jnp.sum(b * gz)         # |K B|^2 (= the number of kept directions)
+  qa2 = _total(a * gq_mul(a))  # |Q A|^2
+  kb2 = _total(b * gz)         # |K B|^2 (= the number of kept directions)
   ok = (qa2 > TINY) & (kb2 > TINY)
   s = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, kb2, 1.0) / jnp.where(ok, qa2, 1.0))), 1.0)
   return a * s, b / s

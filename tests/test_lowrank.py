@@ -298,3 +298,21 @@ def test_projections_match_reference_scores():
     kk = np.einsum("bjkd,bkdr->bkjr", kn, np.asarray(k_map[:, :, n]))
     want = np.einsum("bihr,bhjr->bhij", a, np.repeat(kk, 2, axis=1))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d,rank", [(64, 8), (128, 32), (256, 64)])
+def test_kernel_lowers_for_cuda(d, rank):
+  """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
+  primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                     platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  gram = jax.ShapeDtypeStruct((4, d, d), jnp.float32)
+  fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.jit(fn).trace(gram, jax.ShapeDtypeStruct((2, d, d), jnp.float32)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "distr_lowrank_factor" in text
