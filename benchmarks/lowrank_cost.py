@@ -134,14 +134,26 @@ def main(argv=None):
                 use_kernel=use_kernel))
             row["factor"] = measure(fac, [(gq, gk)], args.quick)
             qm, km = fac(gq, gk)
+            if use_kernel and d <= 128:  # the kernel alone at other warp counts
+              from pallas_kernels import lowrank_factor  # pylint: disable=import-outside-toplevel
+              for warps in (1, 8):
+                try:
+                  ker = jax.jit(functools.partial(lowrank_factor.factor_grams_kernel,
+                                                  rank=d // g, steps=steps, num_warps=warps,
+                                                  interpret=not gpu))
+                  row[f"factor_warps{warps}"] = measure(
+                      ker, [(gq.reshape(-1, d, d), gk.reshape(-1, d, d))], args.quick)
+                except Exception as e:  # noqa: BLE001
+                  row[f"factor_warps{warps}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             proj = jax.jit(lambda q, k, v: (lowrank.project_query(q, qm, args.n),
                                              lowrank.project_key(k, km)))
             row["projections"] = measure(proj, sets, args.quick)
             del nb
           row["fraction_pipelined"] = row["prepass"]["pipelined_ms"] / ref["pipelined_ms"]
           row["fraction_sync"] = row["prepass"]["sync_ms"] / ref["sync_ms"]
-          parts = " ".join(f"{k} {row[k]['pipelined_ms']:.3f}" for k in
-                           ("grams", "factor", "projections") if k in row)
+          parts = " ".join(f"{k} {row[k].get('pipelined_ms', float('nan')):.3f}" for k in
+                           ("grams", "factor", "factor_warps1", "factor_warps8",
+                            "projections") if k in row)
           print(f"d={d} G={g} {impl} steps={steps} block_q={block_q}: pre-pass "
                 f"{row['prepass']['sync_ms']:.3f} ms sync / {row['prepass']['pipelined_ms']:.3f}"
                 f" pipelined = {100 * row['fraction_pipelined']:.1f}% of the forward "
