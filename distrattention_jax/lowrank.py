@@ -28,10 +28,11 @@ restrict the key Gram: every block is fitted to its scores against all real keys
 sequence, masked entries included (the softmax masks them afterwards). So, like the
 paper's per-block grouping, a factorisation computed from the data looks at every row of
 its block and at later keys: under causal masking a query's output can depend on later
-tokens through A and B. For autoregressive models use maps fitted once and held fixed
-(`calibrate_lowrank_maps` on a calibration batch or a prefix, passed back in as
-`maps=`): they depend on no token of the sequence being processed, so causality holds
-exactly.
+tokens through A and B. Two causal-safe choices for autoregressive models:
+  * fixed maps: `calibrate_lowrank_maps` on a calibration batch (or a prefix), passed
+    back in and held for every row: they depend on no token of the sequence processed;
+  * `causal_prefix_maps`: block n fitted on the tokens before it (running Gram sums),
+    block 0 on fixed maps: adapts to the sequence and stays causal.
 
 GQA: `per_kv_head=False` fits one factorisation per query head (`Hk = H`: K' has one
 head per query head); `per_kv_head=True` fits one per kv head to the stacked scores of
@@ -191,6 +192,47 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
     q_map, b = factor_grams(gq, gk_h, rank, method=method, steps=steps,
                             use_kernel=use_kernel)
   return jax.lax.stop_gradient(q_map), jax.lax.stop_gradient(b)
+
+
+def causal_prefix_maps(query, key, *, block_q, group_size, first_maps, query_valid=None,
+                       key_valid=None, per_kv_head=False, method="auto",
+                       steps=DEFAULT_STEPS, use_kernel=None):
+  """Causal-safe maps that adapt to the sequence: block n is fitted on tokens before it.
+
+  For self-attention with aligned positions (`Tq == Tk`, causal top-left): block n's
+  maps come from the Grams of query rows and keys `0 .. n * block_q - 1` only (running
+  sums of the per-block Grams), so they depend on no token at or after the block's first
+  row, and a query's output depends on no later token. Block 0 has no past and uses the
+  fixed `first_maps` (`([H, d, r], [Hk, d, r])`, e.g. from `calibrate_lowrank_maps`).
+  Returns `(q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r])` like `lowrank_maps`.
+  """
+  rank = _check(query, key, group_size)
+  batch, q_len, heads, d = query.shape
+  kv_heads = key.shape[2]
+  if key.shape[1] != q_len:
+    raise ValueError(f"causal_prefix_maps needs q_len == kv_len, got {q_len} and "
+                     f"{key.shape[1]}")
+  group = heads // kv_heads
+  nb = -(-q_len // block_q)
+  if key_valid is not None:
+    key = jnp.where(key_valid[:, :, None, None], key, 0)
+  gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads if per_kv_head else None)
+  gk = query_grams(key, block_q)                                  # [B, Hkv, nb, d, d]
+  gq = jnp.cumsum(gq, axis=2) - gq                                 # blocks < n only
+  gk = jnp.cumsum(gk, axis=2) - gk
+  if not per_kv_head:
+    gk = jnp.repeat(gk, group, axis=1)
+  a, b = factor_grams(gq, gk, rank, method=method, steps=steps, use_kernel=use_kernel)
+  if per_kv_head:
+    a = jnp.repeat(a, group, axis=1)
+  first_q, first_k = broadcast_maps(first_maps, batch, 1)
+  for first, m in ((first_q, a), (first_k, b)):
+    if first.shape[:2] + first.shape[3:] != m.shape[:2] + m.shape[3:]:
+      raise ValueError(f"first_maps {first_q.shape}, {first_k.shape} do not match the maps "
+                       f"{a.shape}, {b.shape} (per_kv_head={per_kv_head})")
+  a = jnp.concatenate([first_q, a[:, :, 1:]], axis=2)
+  b = jnp.concatenate([first_k, b[:, :, 1:]], axis=2)
+  return jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
 
 
 def calibrate_lowrank_maps(query, key, *, group_size, query_valid=None, key_valid=None,

@@ -316,3 +316,34 @@ def test_kernel_lowers_for_cuda(d, rank):
       text = jax.jit(fn).trace(gram, jax.ShapeDtypeStruct((2, d, d), jnp.float32)).lower(
           lowering_platforms=("cuda",)).as_text()
   assert "distr_lowrank_factor" in text
+
+
+def test_causal_prefix_maps_are_causal_and_adapt():
+  rng = np.random.default_rng(15)
+  q, k = _structured(rng, 1, 40, 4, 16, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.float32)
+  calib = _structured(np.random.default_rng(16), 2, 40, 4, 16, kv_heads=2)
+  run = functools.partial(dj.distr_attention_reference, group_size=4, block_q=8,
+                          grouping="lowrank", is_causal=True)
+  for per_kv_head in (False, True):
+    first = lowrank.calibrate_lowrank_maps(*calib, group_size=4, per_kv_head=per_kv_head)
+    maps = lowrank.causal_prefix_maps(q, k, block_q=8, group_size=4, first_maps=first,
+                                      method="exact", per_kv_head=per_kv_head)
+    assert maps[0].shape == (1, 4, 5, 16, 4) and maps[1].shape[:3] == (
+        1, 2 if per_kv_head else 4, 5)
+    # Block n's maps are the ones fitted to tokens 0 .. 8n-1 alone.
+    for n in (1, 3):
+      alone = lowrank.lowrank_maps(q[:, :8 * n], k[:, :8 * n], block_q=64, group_size=4,
+                                   method="exact", per_kv_head=per_kv_head)
+      e1, _ = _errors(q[:, :8 * n], k[:, :8 * n], maps[0][:, :, n:n + 1],
+                      maps[1][:, :, n:n + 1], 64)
+      e2, _ = _errors(q[:, :8 * n], k[:, :8 * n], *alone, 64)
+      np.testing.assert_allclose(e1, e2, atol=1e-5)
+    for t in (8, 13, 27):   # change tokens t.. : rows < t must not move
+      q2 = q.at[:, t:].add(2.0)
+      k2 = k.at[:, t:].multiply(-1.5)
+      maps2 = lowrank.causal_prefix_maps(q2, k2, block_q=8, group_size=4, first_maps=first,
+                                         method="exact", per_kv_head=per_kv_head)
+      out1 = run(q, k, v, lowrank_maps=maps)
+      out2 = run(q2, k2, v, lowrank_maps=maps2)
+      assert float(jnp.max(jnp.abs(out1[:, :t] - out2[:, :t]))) < 1e-5
