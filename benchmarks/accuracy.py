@@ -110,6 +110,8 @@ def main(argv=None):
   p.add_argument("--no-vit-swap", action="store_true",
                  help="skip the ViT swap/fine-tune runs (activations still measured)")
   p.add_argument("--tag", default="", help="suffix of the output file names")
+  p.add_argument("--datasets", nargs="+", default=None,
+                 help="subset of gaussian structured structured_gqa vit (default: all)")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
   groups_g, blocks, reps = (args.groups, args.blocks or [16, 32, 64, 128, args.n],
@@ -124,6 +126,8 @@ def main(argv=None):
   if not args.skip_vit:
     train_vit, ckpt, exact_accuracy = train_exact_vit(vit_dir, args.quick)
     datasets["vit"], vit_params = vit_activations(train_vit, ckpt, 64 if args.quick else 256)
+  if args.datasets:
+    datasets = {k: v for k, v in datasets.items() if k in args.datasets}
   rows = []
   for (name, layers), g, bq, rep, (gname, gkw) in itertools.product(
       datasets.items(), groups_g, blocks, reps,
