@@ -135,7 +135,7 @@ def main(argv=None):
             row["factor"] = measure(fac, [(gq, gk)], args.quick)
             qm, km = fac(gq, gk)
             if use_kernel and d <= 128:  # the kernel alone at other warp counts
-              from pallas_kernels import lowrank_factor  # pylint: disable=import-outside-toplevel
+              from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
               for warps in (1, 8):
                 try:
                   ker = jax.jit(functools.partial(lowrank_factor.factor_grams_kernel,

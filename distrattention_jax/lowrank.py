@@ -15,7 +15,7 @@ Singular values below `1e-4` of the largest are dropped (their columns are zero)
 Two methods compute it:
   "exact": eigh square roots and an SVD, as written above (fine on a CPU; on a GPU a
     batched SVD of many small matrices costs ~10x the attention: LOWRANK_NOTES.md).
-  "iter": matmuls only (pallas_kernels.lowrank_factor): subspace iteration on `Gq Gk`
+  "iter": matmuls only (pallas_kernels.triton.lowrank_factor): subspace iteration on `Gq Gk`
     for the top-r right singular subspace, then `A = Gk Z`, `B = Z` with `Z^T Gk Z = I`,
     which projects every score row on that subspace (the optimum once it is the top-r
     subspace; tests/test_lowrank.py measures how close 4 steps get). On a GPU one fused
@@ -107,7 +107,7 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   `gk` has the batch shape of `gq` or is broadcastable to it from the left (e.g. one key
   Gram shared by every block). `use_kernel`: the fused Pallas program (None: on a GPU).
   """
-  from pallas_kernels import lowrank_factor  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
   d = gq.shape[-1]
   batch_shape = gq.shape[:-2]
   if use_kernel is None:
@@ -218,8 +218,10 @@ def causal_prefix_maps(query, key, *, block_q, group_size, first_maps, query_val
     key = jnp.where(key_valid[:, :, None, None], key, 0)
   gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads if per_kv_head else None)
   gk = query_grams(key, block_q)                                  # [B, Hkv, nb, d, d]
-  gq = jnp.cumsum(gq, axis=2) - gq                                 # blocks < n only
-  gk = jnp.cumsum(gk, axis=2) - gk
+  # Blocks < n only: a shifted running sum (not `cumsum - own`, whose rounding would
+  # carry the block's own rows into its maps).
+  gq, gk = (jnp.cumsum(jnp.pad(g[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0))),
+                       axis=2) for g in (gq, gk))
   if not per_kv_head:
     gk = jnp.repeat(gk, group, axis=1)
   a, b = factor_grams(gq, gk, rank, method=method, steps=steps, use_kernel=use_kernel)

@@ -154,7 +154,7 @@ def distr_attention_reference(
     query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
     grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, perm=None, lowrank_maps=None,
-    lowrank_per_kv_head=False):
+    lowrank_per_kv_head=True):
   """DistrAttention, transcribed step by step from docs/DESIGN.md section 1.
 
   Args:
@@ -169,7 +169,8 @@ def distr_attention_reference(
     lowrank_maps: optional fixed maps for "lowrank": `(q_map [H, d, r], k_map [Hk, d, r])`
       (held for every row, e.g. from `lowrank.calibrate_lowrank_maps`) or per block
       `([B, H, nb, d, r], [B, Hk, nb, d, r])`; constants for differentiation.
-    lowrank_per_kv_head: "lowrank" with GQA: one factorisation per kv head.
+    lowrank_per_kv_head: "lowrank" with GQA: one factorisation per kv head (default, as
+      `distr_attention`) or per query head.
     Other arguments as `distr_attention`.
 
   Returns:
@@ -181,8 +182,7 @@ def distr_attention_reference(
       key_value_seq_lengths=key_value_seq_lengths)
   lowrank = grouping == "lowrank"
   config_lib.DistrConfig(group_size=group_size, block_q=block_q, num_projs=num_projs,
-                         representative=representative,
-                         grouping="greedy" if lowrank else grouping,
+                         representative=representative, grouping=grouping,
                          seed=seed).validate(query.shape[-1])
   ct = _compute_dtype(query.dtype)
   batch, q_len, heads, d = query.shape

@@ -10,7 +10,7 @@ import pytest
 import distrattention_jax as dj
 from distrattention_jax import lowrank
 from distrattention_jax import reference
-from pallas_kernels import lowrank_factor
+from pallas_kernels.triton import lowrank_factor
 
 
 def _structured(rng, batch, length, heads, d, protos=6, noise=0.2, kv_heads=None):
@@ -347,3 +347,131 @@ def test_causal_prefix_maps_are_causal_and_adapt():
       out1 = run(q, k, v, lowrank_maps=maps)
       out2 = run(q2, k2, v, lowrank_maps=maps2)
       assert float(jnp.max(jnp.abs(out1[:, :t] - out2[:, :t]))) < 1e-5
+
+
+# --- grouping="lowrank" through distr_attention, its backends and the Flax layers ------
+
+# (name, q_len, kv_len, heads, kv_heads, d, block_q, group_size, options)
+BACKEND_CASES = [
+    ("one-block-causal-lengths-gqa", 96, 96, 4, 2, 32, 256, 4,
+     {"is_causal": True, "lengths": True}),
+    ("blocks-segments", 300, 120, 2, 2, 32, 256, 2, {"segments": True}),
+    ("one-block-mqa-g8", 64, 80, 2, 1, 64, 256, 8, {}),
+    # 16-row blocks: XLA only (Triton's gather layout needs a permutation: refused).
+    ("small-blocks-causal-lengths", 40, 40, 4, 2, 16, 16, 2,
+     {"is_causal": True, "lengths": True}),
+]
+
+
+def _backend_kwargs(options, batch, q_len, kv_len):
+  kw = {"is_causal": options.get("is_causal", False)}
+  if options.get("lengths"):
+    kw["query_seq_lengths"] = jnp.array([q_len, q_len // 2])
+    kw["key_value_seq_lengths"] = jnp.array([kv_len, kv_len // 3])
+  if options.get("segments"):
+    kw["segment_ids"] = (jnp.zeros((batch, q_len), jnp.int32).at[:, q_len // 2:].set(1),
+                         jnp.zeros((batch, kv_len), jnp.int32).at[:, kv_len // 3:].set(1))
+  return kw
+
+
+def _valid(kw, q_len, kv_len):
+  ql, kl = kw.get("query_seq_lengths"), kw.get("key_value_seq_lengths")
+  return (None if ql is None else jnp.arange(q_len)[None] < ql[:, None],
+          None if kl is None else jnp.arange(kv_len)[None] < kl[:, None])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton_interpret"])
+@pytest.mark.parametrize("per_kv_head", [True, False])
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_backends_match_reference(implementation, per_kv_head, case):
+  _, q_len, kv_len, heads, kv_heads, d, bq, g, options = case
+  if implementation != "xla" and bq < 256:
+    pytest.skip("Triton's gather layout refuses dense maps (test_lowrank_options_are_checked)")
+  rng = np.random.default_rng(q_len + d)
+  q, k = _structured(rng, 2, q_len, heads, d, kv_heads=kv_heads)
+  k = k[:, :kv_len] if kv_len <= q_len else jnp.concatenate([k, k[:, :kv_len - q_len]], 1)
+  v = jnp.asarray(rng.standard_normal((2, kv_len, kv_heads, d)), jnp.float32)
+  kw = dict(group_size=g, block_q=bq, grouping="lowrank", lowrank_per_kv_head=per_kv_head,
+            **_backend_kwargs(options, 2, q_len, kv_len))
+  out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, implementation=implementation,
+                                                   **kw))(q, k, v)
+  # The reference's own transcription of the maps (exact SVD): the same scores.
+  ref = jax.jit(lambda q, k, v: dj.distr_attention_reference(q, k, v, **kw))(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=2e-4, rtol=2e-4)
+  # Gradients: jax.grad of the reference with the same maps held constant.
+  qv, kv = _valid(kw, q_len, kv_len)
+  maps = lowrank.lowrank_maps(q, k, block_q=bq, group_size=g, query_valid=qv, key_valid=kv,
+                              per_kv_head=per_kv_head)
+  w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  ours = jax.grad(lambda q, k, v: jnp.sum(dj.distr_attention(
+      q, k, v, implementation=implementation, **kw) * w), argnums=(0, 1, 2))
+  theirs = jax.grad(lambda q, k, v: jnp.sum(dj.distr_attention_reference(
+      q, k, v, lowrank_maps=maps, **kw) * w), argnums=(0, 1, 2))
+  for a, b in zip(jax.jit(ours)(q, k, v), jax.jit(theirs)(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton_interpret"])
+def test_fixed_maps_through_backends_are_causal_safe(implementation):
+  rng = np.random.default_rng(21)
+  q, k = _structured(rng, 1, 64, 4, 32, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((1, 64, 2, 32)), jnp.float32)
+  calib = _structured(np.random.default_rng(22), 2, 64, 4, 32, kv_heads=2)
+  fixed = lowrank.calibrate_lowrank_maps(*calib, group_size=4)   # per kv head: Hk = 2
+  kw = dict(group_size=4, block_q=256, grouping="lowrank", is_causal=True)
+  run = jax.jit(lambda q, k, v, maps: dj.distr_attention(
+      q, k, v, implementation=implementation, lowrank_maps=maps, **kw))
+  out = run(q, k, v, fixed)
+  ref = dj.distr_attention_reference(q, k, v, lowrank_maps=fixed, **kw)
+  np.testing.assert_allclose(out, ref, atol=2e-4, rtol=2e-4)
+  q2, k2 = q.at[:, 40:].multiply(-2.0), k.at[:, 40:].add(1.0)
+  np.testing.assert_allclose(run(q2, k2, v, fixed)[:, :40], out[:, :40], atol=1e-6)
+  # Per-block causal prefix maps through the backend (block_q 256 >= Tq: one block, so
+  # the prefix maps are the fixed ones; with 16-row blocks on XLA they adapt).
+  if implementation == "xla":
+    kw16 = dict(kw, block_q=16)
+    maps = lowrank.causal_prefix_maps(q, k, block_q=16, group_size=4, first_maps=fixed)
+    maps2 = lowrank.causal_prefix_maps(q2, k2, block_q=16, group_size=4, first_maps=fixed)
+    o1 = dj.distr_attention(q, k, v, implementation="xla", lowrank_maps=maps, **kw16)
+    o2 = dj.distr_attention(q2, k2, v, implementation="xla", lowrank_maps=maps2, **kw16)
+    np.testing.assert_allclose(o1[:, :40], o2[:, :40], atol=1e-6)
+    np.testing.assert_allclose(
+        o1, dj.distr_attention_reference(q, k, v, lowrank_maps=maps, **kw16),
+        atol=2e-4, rtol=2e-4)
+
+
+def test_lowrank_options_are_checked():
+  q, k = _structured(np.random.default_rng(23), 1, 32, 4, 16, kv_heads=2)
+  v = k
+  fixed = lowrank.calibrate_lowrank_maps(q, k, group_size=2)
+  with pytest.raises(ValueError, match="grouping='lowrank'"):
+    dj.distr_attention(q, k, v, group_size=2, lowrank_maps=fixed)
+  with pytest.raises(ValueError, match="lowrank_maps must be"):
+    dj.distr_attention(q, k, v, group_size=4, grouping="lowrank", lowrank_maps=fixed)
+  with pytest.raises(ValueError, match="lowrank_per_kv_head"):
+    dj.distr_attention(q, k, v, group_size=2, grouping="lowrank", lowrank_per_kv_head=1)
+  # The Triton in-kernel gather (block_q < 256) needs a permutation: refused, by reason.
+  with pytest.raises(NotImplementedError, match="permutation"):
+    dj.distr_attention(q, k, v, group_size=2, block_q=16, grouping="lowrank",
+                       implementation="triton_interpret")
+  dj.DistrConfig(grouping="lowrank").validate(16)
+
+
+def test_flax_layers_run_lowrank():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(24)
+  x = jnp.asarray(rng.standard_normal((2, 24, 32)), jnp.float32)
+  layer = dj.DistrMultiHeadDotProductAttention(num_heads=2, config=dj.DistrConfig(
+      group_size=4, block_q=64, grouping="lowrank", implementation="xla"))
+  params = layer.init(jax.random.key(0), x)
+  out = layer.apply(params, x)
+  plain = nn.MultiHeadDotProductAttention(num_heads=2)
+  exact = plain.apply(params, x)
+  assert out.shape == exact.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)) < 0.5
+  fn = dj.make_attention_fn(group_size=4, block_q=64, grouping="lowrank",
+                            lowrank_per_kv_head=False, implementation="xla")
+  q, k = _structured(rng, 2, 24, 2, 16)
+  np.testing.assert_allclose(
+      fn(q, k, k), dj.distr_attention(q, k, k, group_size=4, block_q=64, grouping="lowrank",
+                                      implementation="xla"), atol=1e-5)
