@@ -475,3 +475,39 @@ def test_flax_layers_run_lowrank():
   np.testing.assert_allclose(
       fn(q, k, k), dj.distr_attention(q, k, k, group_size=4, block_q=64, grouping="lowrank",
                                       implementation="xla"), atol=1e-5)
+
+
+# --- on a GPU (skipped elsewhere): the fused factorisation kernel and the narrow backends
+
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("implementation", ["cudnn", "triton", "xla"])
+@pytest.mark.parametrize("per_kv_head", [True, False])
+def test_gpu_parity(implementation, per_kv_head):
+  """bf16 through each backend on a GPU (cuDNN narrow: one block, d/G % 8 == 0; Triton
+  "blocks"), against the float32 reference with the same maps, and the kernel's maps
+  against the exact optimum."""
+  rng = np.random.default_rng(31)
+  q, k = _structured(rng, 2, 512, 4, 64, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((2, 512, 2, 64)), jnp.float32)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  kw = dict(group_size=4, block_q=512, grouping="lowrank", is_causal=True,
+            lowrank_per_kv_head=per_kv_head,
+            query_seq_lengths=jnp.array([512, 300]), key_value_seq_lengths=jnp.array([512, 200]))
+  out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, implementation=implementation,
+                                                   **kw))(q16, k16, v16)
+  qv, kv = _valid(kw, 512, 512)
+  maps = lowrank.lowrank_maps(q16, k16, block_q=512, group_size=4, query_valid=qv,
+                              key_valid=kv, per_kv_head=per_kv_head,
+                              use_kernel=implementation != "xla")
+  ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q16, k16, v16)),
+                                     lowrank_maps=maps, **kw)
+  err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  assert err < 2e-2, err
+  kernel_maps = lowrank.lowrank_maps(q, k, block_q=512, group_size=4, per_kv_head=False,
+                                     method="iter", use_kernel=True)
+  got, best = _errors(q, k, *kernel_maps, 512)
+  assert np.all(got <= 1.05 * best + 1e-3), (got, best)
