@@ -107,6 +107,8 @@ def main(argv=None):
   p.add_argument("--blocks", type=int, nargs="+", default=None,
                  help="block_q values (default 16 32 64 128 n); n = one per sequence")
   p.add_argument("--representatives", nargs="+", default=["mean", "sample"])
+  p.add_argument("--vit-swap-groupings", nargs="+", default=["lsh", "greedy", "random"])
+  p.add_argument("--vit-swap-blocks", type=int, nargs="+", default=[16, 64])
   p.add_argument("--no-vit-swap", action="store_true",
                  help="skip the ViT swap/fine-tune runs (activations still measured)")
   p.add_argument("--tag", default="", help="suffix of the output file names")
@@ -161,7 +163,9 @@ def main(argv=None):
   vit_results = {}
   if not args.skip_vit and not args.no_vit_swap:
     vit_results = {"exact_accuracy": exact_accuracy,
-                   "swaps": vit_swap(train_vit, ckpt, vit_dir, args.quick)}
+                   "swaps": vit_swap(train_vit, ckpt, vit_dir, args.quick,
+                                     groupings=args.vit_swap_groupings,
+                                     blocks=args.vit_swap_blocks, groups=groups_g)}
     print(f"ViT exact test accuracy {exact_accuracy:.4f}")
   elif not args.skip_vit:
     vit_results = {"exact_accuracy": exact_accuracy}
@@ -182,10 +186,11 @@ def _lowrank(q, k, v, *, group_size, block_q, per_kv_head=False):
                                       grouping="lowrank", lowrank_maps=maps)
 
 
-def vit_swap(train_vit, ckpt, vit_dir, quick):
+def vit_swap(train_vit, ckpt, vit_dir, quick, groupings=("lsh", "greedy", "random"),
+             blocks=(16, 64), groups=(2, 4)):
   """Test accuracy of the exact-trained ViT with DistrAttention swapped in, then fine-tuned."""
   results = []
-  settings = [(g, bq, gr) for g in (2, 4) for bq in (16, 64) for gr in ("lsh", "greedy", "random")]
+  settings = [(g, bq, gr) for g in groups if g in (2, 4) for bq in blocks for gr in groupings]
   if quick:
     settings = [(2, 16, "greedy")]
   for g, bq, gr in settings:
