@@ -9,6 +9,7 @@ import jax
 from distrattention_jax import backends
 from distrattention_jax import config as config_lib
 from distrattention_jax import grouping as grouping_lib
+from distrattention_jax import lowrank
 from distrattention_jax import sharding as sharding_lib
 
 
@@ -31,6 +32,8 @@ def distr_attention(
     key_value_seq_lengths: jax.Array | None = None,
     implementation: str | None = None,
     sharding: jax.sharding.NamedSharding | None = None,
+    lowrank_per_kv_head: bool = True,
+    lowrank_maps=None,
 ) -> jax.Array:
   """DistrAttention: softmax attention with `Q K^T` contracted over `d / group_size`.
 
@@ -51,8 +54,13 @@ def distr_attention(
       column, as in the paper).
     grouping: "greedy" (default: exact column distances within the block; lower output
       error than LSH in every setting measured, and on a GPU at LSH's cost for blocks of
-      1024+ rows, README "Accuracy"), "lsh" (the paper's angular LSH) or "random" (a
-      control).
+      1024+ rows, README "Accuracy"), "lsh" (the paper's angular LSH), "random" (a
+      control) or "lowrank": not a grouping but the best rank-(d/G) factorisation of
+      each block's scores, `(Q A)(K B)^T` with A, B `[d, d/G]` fitted per (batch, head,
+      block) to the block's real rows and the real keys (`distrattention_jax.lowrank`;
+      README "Accuracy"). Like the paper's per-block grouping, fitted maps look at every
+      row of the block: with `is_causal` a query's output can depend on later tokens
+      through A and B. For autoregressive models pass fixed `lowrank_maps`.
     seed: seed of the LSH projections (or of the random grouping).
     scale: score scale, default `1 / sqrt(d)`.
     is_causal: query i attends keys j <= i (top-left aligned, as jax.nn).
@@ -80,6 +88,14 @@ def distr_attention(
       whose type carries a sharding (Explicit mesh axes) is run per shard the same way;
       under Auto axes the "xla" path partitions along batch and heads by itself, but
       sharded inputs to a Pallas kernel would be gathered onto every device by XLA.
+    lowrank_per_kv_head: grouping "lowrank" with GQA: one factorisation per kv head (its
+      query heads' Grams pooled; K_fused keeps the kv-head count; default) or, False,
+      one per query head (a little more accurate, K_fused with one head per query head).
+    lowrank_maps: grouping "lowrank" with maps held fixed instead of fitted per call:
+      `(q_map [H, d, r], k_map [Hk, d, r])` (Hk = H or kv_heads; e.g. from
+      `lowrank.calibrate_lowrank_maps` on a calibration batch: then no output depends on
+      a later token, the causal-safe choice), or per block `([B, H, nb, d, r],
+      [B, Hk, nb, d, r])` (e.g. `lowrank.causal_prefix_maps`). Constants for gradients.
 
   Returns:
     `[batch, q_len, heads, dv]` in the input dtype. Rows with no key to attend are 0.
@@ -91,10 +107,14 @@ def distr_attention(
   cfg = config_lib.DistrConfig(
       group_size=group_size, block_q=block_q, num_projs=num_projs,
       representative=representative, grouping=grouping, seed=seed,
-      implementation=implementation).validate(query.shape[-1])
+      implementation=implementation,
+      lowrank_per_kv_head=lowrank_per_kv_head).validate(query.shape[-1])
   problem = backends.Problem.from_call(query, key, value, masks, cfg, scale)
   backend = backends.select(cfg.implementation, problem)
-  run = functools.partial(_distr_attention, backend=backend, problem=problem)
+  if lowrank_maps is not None:
+    lowrank_maps = _check_lowrank_maps(lowrank_maps, cfg, query, key, sharding)
+  run = functools.partial(_distr_attention, backend=backend, problem=problem,
+                          lowrank_maps=lowrank_maps)
   if sharding is None:
     sharding = sharding_lib.explicit_sharding(query)  # explicit sharding in the type
   if sharding is None:
@@ -102,9 +122,38 @@ def distr_attention(
   return sharding_lib.shard_over_batch_and_heads(run, sharding, query, key, value, masks)
 
 
-def _distr_attention(query, key, value, masks, *, backend, problem):
+def _check_lowrank_maps(maps, cfg, query, key, sharding):
+  """Fixed lowrank maps, checked and expanded to `[B, H, nb, d, r]`, `[B, Hk, nb, d, r]`."""
+  if cfg.grouping != "lowrank" or cfg.group_size == 1:
+    raise ValueError(f"lowrank_maps needs grouping='lowrank' and group_size > 1, got "
+                     f"grouping={cfg.grouping!r}, group_size={cfg.group_size}")
+  if sharding is not None:
+    raise NotImplementedError("lowrank_maps with sharding (shard the maps' heads with the "
+                              "query's yourself, or call without sharding=)")
+  if not isinstance(maps, (tuple, list)) or len(maps) != 2:
+    raise ValueError("lowrank_maps must be a pair (q_map, k_map)")
+  batch, q_len, heads, d = query.shape
+  kv_heads, rank = key.shape[2], d // cfg.group_size
+  nb = -(-q_len // cfg.block_q)
+  q_map, k_map = lowrank.broadcast_maps(maps, batch, nb)
+  hk = k_map.shape[1]
+  if (q_map.shape != (batch, heads, nb, d, rank) or k_map.shape != (batch, hk, nb, d, rank)
+      or heads % hk or hk % kv_heads):
+    raise ValueError(
+        f"lowrank_maps must be ([H, d, r], [Hk, d, r]) or ([B, H, nb, d, r], "
+        f"[B, Hk, nb, d, r]) with H={heads}, Hk in ({heads}, {kv_heads}) (or between), "
+        f"d={d}, r=d/group_size={rank}, B={batch}, nb={nb}; got {tuple(maps[0].shape)}, "
+        f"{tuple(maps[1].shape)}")
+  return jax.lax.stop_gradient(q_map), jax.lax.stop_gradient(k_map)
+
+
+def _distr_attention(query, key, value, masks, *, backend, problem, lowrank_maps=None):
   """Everything after validation, on whole arrays or on one shard of them."""
-  reduction = grouping_lib.reduce_heads(
-      query, key, problem.config, query_valid=masks.query_valid(query.shape[1]),
-      key_valid=masks.key_valid(key.shape[1]), use_kernel=backend.uses_grouping_kernel)
+  if lowrank_maps is not None:
+    reduction = grouping_lib.HeadReduction.from_maps(*lowrank_maps,
+                                                     block_q=problem.config.block_q)
+  else:
+    reduction = grouping_lib.reduce_heads(
+        query, key, problem.config, query_valid=masks.query_valid(query.shape[1]),
+        key_valid=masks.key_valid(key.shape[1]), use_kernel=backend.uses_grouping_kernel)
   return backend(query, key, value, reduction, masks, problem)

@@ -26,7 +26,9 @@ class DistrConfig:
   Built by keyword only. `distr_attention`, the Flax layers and the examples take these
   fields by name; `docs/DESIGN.md` section 3 explains each. `implementation` names a
   backend of `distrattention_jax.backends` (None: the first in the registry's preference
-  order that supports the call on this platform).
+  order that supports the call on this platform). `lowrank_per_kv_head` (grouping
+  "lowrank" with GQA): one factorisation per kv head, its query heads' Grams pooled, so
+  `K_fused` keeps the kv-head count (True, the default), or one per query head.
   """
 
   group_size: int = 2
@@ -36,6 +38,7 @@ class DistrConfig:
   grouping: str = "greedy"
   seed: int = 0
   implementation: str | None = None
+  lowrank_per_kv_head: bool = True
 
   @classmethod
   def field_names(cls) -> tuple[str, ...]:
@@ -61,6 +64,8 @@ class DistrConfig:
       raise ValueError(f"grouping must be one of {groupings}, got {self.grouping!r}")
     if not isinstance(self.seed, (int, np.integer)):
       raise ValueError(f"seed must be a Python int, got {type(self.seed).__name__}")
+    if not isinstance(self.lowrank_per_kv_head, (bool, np.bool_)):
+      raise ValueError(f"lowrank_per_kv_head must be a bool, got {self.lowrank_per_kv_head!r}")
     from distrattention_jax import backends  # pylint: disable=import-outside-toplevel
     if self.implementation is not None and self.implementation not in backends.names():
       raise ValueError(

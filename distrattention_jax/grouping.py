@@ -30,6 +30,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from distrattention_jax import lowrank
 from distrattention_jax import lsh
 
 # ----------------------------------------------------------------------------------------
@@ -48,10 +49,20 @@ def _random_permutations(query, *, block_q, seed):
 # Every permutation grouping (`block_permutations` runs them).
 PERMUTATION_GROUPINGS = ("lsh", "greedy", "random")
 
-# Dense groupings: name -> fn(query, key, *, config, query_valid, key_valid)
+# Dense groupings: name -> fn(query, key, *, config, query_valid, key_valid, use_kernel)
 #   -> (q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r]) float32, Hk = H or kv_heads,
-# computed under stop_gradient. Issue 14 registers its low-rank maps here.
-DENSE_GROUPINGS: dict[str, Callable] = {}
+# computed under stop_gradient (`use_kernel`: it may run a Pallas kernel, as for greedy).
+
+
+def _lowrank_maps(query, key, *, config, query_valid, key_valid, use_kernel):
+  """grouping="lowrank": the best rank-(d/G) factorisation per block (lowrank.py)."""
+  return lowrank.lowrank_maps(query, key, block_q=config.block_q,
+                              group_size=config.group_size, query_valid=query_valid,
+                              key_valid=key_valid, per_kv_head=config.lowrank_per_kv_head,
+                              use_kernel=use_kernel)
+
+
+DENSE_GROUPINGS: dict[str, Callable] = {"lowrank": _lowrank_maps}
 
 
 def grouping_names() -> tuple[str, ...]:
@@ -353,14 +364,15 @@ def reduce_heads(query, key, config, *, query_valid=None, key_valid=None,
   """The grouping step of `distr_attention`: None for `group_size == 1` (exact).
 
   `config` is a validated `DistrConfig`; `query_valid`/`key_valid` bool `[B, T]` mark
-  real (not padding) rows; `use_kernel` lets "greedy" run its Pallas kernel (only for
-  GPU kernel backends, so implementation="xla" runs no Pallas code).
+  real (not padding) rows; `use_kernel` lets "greedy" and "lowrank" run their Pallas
+  kernels (only for GPU kernel backends, so implementation="xla" runs no Pallas code).
   """
   if config.group_size == 1:
     return None
   if config.grouping in DENSE_GROUPINGS:
     q_map, k_map = DENSE_GROUPINGS[config.grouping](
-        query, key, config=config, query_valid=query_valid, key_valid=key_valid)
+        query, key, config=config, query_valid=query_valid, key_valid=key_valid,
+        use_kernel=use_kernel)
     return HeadReduction.from_maps(jax.lax.stop_gradient(q_map),
                                    jax.lax.stop_gradient(k_map), block_q=config.block_q)
   perm = block_permutations(

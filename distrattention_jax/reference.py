@@ -64,10 +64,97 @@ def exact_attention(query, key, value, *, scale=None, is_causal=False, mask=None
   return out.astype(query.dtype)
 
 
+def lowrank_maps_reference(query, key, *, block_q, group_size, query_valid=None,
+                           key_valid=None, per_kv_head=False):
+  """The best rank-(d/G) maps, transcribed from the formula (DESIGN.md "Beyond grouping").
+
+  Per (batch, head, block): Grams of the block's real rows and the real keys, their
+  square roots `G = R^T R` (eigh), the SVD `Rq Rk^T = X Sig Y^T`, then
+  `A = Rk^T Y_r Sig_r^(-1/2)`, `B = Rq^T X_r Sig_r^(-1/2)` with singular values below
+  1e-4 of the largest dropped. With `per_kv_head`, one factorisation per kv head from
+  the summed query Grams of its heads (K' keeps the kv-head count). Independent of
+  `distrattention_jax.lowrank` (which the tests compare against this). Returns
+  `(q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r])` in the compute dtype, constant
+  for differentiation.
+  """
+  ct = _compute_dtype(query.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  batch, q_len, heads, d = query.shape
+  kv_heads = key.shape[2]
+  rank = d // group_size
+  rows = min(block_q, q_len)
+  num_blocks = -(-q_len // block_q)
+  q = jax.lax.stop_gradient(query).astype(ct)
+  k = jax.lax.stop_gradient(key).astype(ct)
+  if query_valid is not None:
+    q = jnp.where(query_valid[:, :, None, None], q, 0)
+  if key_valid is not None:
+    k = jnp.where(key_valid[:, :, None, None], k, 0)
+  q = jnp.pad(q, ((0, 0), (0, num_blocks * rows - q_len), (0, 0), (0, 0)))
+  q = q.reshape(batch, num_blocks, rows, heads, d)
+  gq = jnp.einsum("bnihc,bnihe->bhnce", q, q, precision=hi)          # [B, H, nb, d, d]
+  gk = jnp.einsum("bshc,bshe->bhce", k, k, precision=hi)             # [B, Hkv, d, d]
+  if per_kv_head:
+    gq = gq.reshape(batch, kv_heads, heads // kv_heads, num_blocks, d, d).sum(2)
+  else:
+    gk = jnp.repeat(gk, heads // kv_heads, axis=1)
+  gk = jnp.broadcast_to(gk[:, :, None], gq.shape)
+
+  def root(g):  # R with R^T R = g
+    lam, u = jnp.linalg.eigh(g)
+    return jnp.sqrt(jnp.clip(lam, 0))[..., :, None] * jnp.swapaxes(u, -1, -2)
+
+  rq, rk = root(gq), root(gk)
+  x, sig, yt = jnp.linalg.svd(jnp.matmul(rq, jnp.swapaxes(rk, -1, -2), precision=hi))
+  x, sig, y = x[..., :rank], sig[..., :rank], jnp.swapaxes(yt, -1, -2)[..., :rank]
+  kept = sig > 1e-4 * sig[..., :1]
+  w = jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, sig, 1.0)), 0.0)[..., None, :]
+  a = jnp.matmul(jnp.swapaxes(rk, -1, -2), y, precision=hi) * w   # A = Rk^T Y_r Sig^-1/2
+  b = jnp.matmul(jnp.swapaxes(rq, -1, -2), x, precision=hi) * w   # B = Rq^T X_r Sig^-1/2
+  if per_kv_head:
+    a = jnp.repeat(a, heads // kv_heads, axis=1)
+  return jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+
+
+def _lowrank_reference(query, key, value, masks, *, group_size, block_q, scale,
+                       lowrank_maps, per_kv_head):
+  """grouping="lowrank": scores = scale (Q_b A)(K B)^T per block, masked softmax, V."""
+  ct = _compute_dtype(query.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  batch, q_len, heads, d = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  rows = min(block_q, q_len)
+  num_blocks = -(-q_len // block_q)
+  if lowrank_maps is None:
+    kv_valid = (None if masks.kv_lengths is None else
+                jnp.arange(kv_len)[None, :] < masks.kv_lengths[:, None])
+    lowrank_maps = lowrank_maps_reference(
+        query, key, block_q=block_q, group_size=group_size,
+        query_valid=masks.query_valid(q_len), key_valid=kv_valid, per_kv_head=per_kv_head)
+  a, b = (jax.lax.stop_gradient(jnp.asarray(m)).astype(ct) for m in lowrank_maps)
+  if a.ndim == 3:  # fixed maps [H, d, r], [Hk, d, r]: the same for every row and block
+    a = jnp.broadcast_to(a[None, :, None], (batch, heads, num_blocks) + a.shape[1:])
+    b = jnp.broadcast_to(b[None, :, None], (batch, b.shape[0], num_blocks) + b.shape[1:])
+  assert a.shape[:3] == (batch, heads, num_blocks) and b.shape[0] == batch, (a.shape, b.shape)
+  b = jnp.repeat(b, heads // b.shape[1], axis=1)       # K' of a kv head serves its group
+  q = jnp.transpose(query.astype(ct), (0, 2, 1, 3))     # [B, H, Tq, d]
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, num_blocks * rows - q_len), (0, 0)))
+  q_blocks = q.reshape(batch, heads, num_blocks, rows, d)
+  k = jnp.transpose(_repeat_kv(key.astype(ct), heads), (0, 2, 1, 3))  # [B, H, Tk, d]
+  q_narrow = jnp.einsum("bhnid,bhndr->bhnir", q_blocks, a, precision=hi)   # Q' = Q_b A
+  k_narrow = jnp.einsum("bhkd,bhndr->bhnkr", k, b, precision=hi)           # K' = K B
+  scores = scale * jnp.einsum("bhnir,bhnkr->bhnik", q_narrow, k_narrow, precision=hi)
+  scores = scores.reshape(batch, heads, num_blocks * rows, kv_len)[:, :, :q_len]
+  v = _repeat_kv(value.astype(ct), heads)
+  out = _softmax_times_values(scores, v, masks.dense(q_len, kv_len))
+  return out.astype(query.dtype)
+
+
 def distr_attention_reference(
     query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
     grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
-    query_seq_lengths=None, key_value_seq_lengths=None, perm=None):
+    query_seq_lengths=None, key_value_seq_lengths=None, perm=None, lowrank_maps=None,
+    lowrank_per_kv_head=True):
   """DistrAttention, transcribed step by step from docs/DESIGN.md section 1.
 
   Args:
@@ -75,7 +162,15 @@ def distr_attention_reference(
     perm: optional int `[B, H, ceil(Tq / block_q), d]` column permutations; by default
       they are computed by `grouping.block_permutations` (greedy by default; its Pallas
       kernel when JAX's default backend is a GPU, as GPU backends of `distr_attention`
-      do). Dense groupings (no permutation) are not transcribed here.
+      do).
+    grouping: as `distr_attention`, or "lowrank": the best rank-(d/G) factorisation of
+      each block's scores (`lowrank_maps_reference`), then `scale (Q_b A)(K B)^T`,
+      masked softmax, V.
+    lowrank_maps: optional fixed maps for "lowrank": `(q_map [H, d, r], k_map [Hk, d, r])`
+      (held for every row, e.g. from `lowrank.calibrate_lowrank_maps`) or per block
+      `([B, H, nb, d, r], [B, Hk, nb, d, r])`; constants for differentiation.
+    lowrank_per_kv_head: "lowrank" with GQA: one factorisation per kv head (default, as
+      `distr_attention`) or per query head.
     Other arguments as `distr_attention`.
 
   Returns:
@@ -85,6 +180,7 @@ def distr_attention_reference(
       query, key, value, scale=scale, is_causal=is_causal, mask=mask,
       segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths)
+  lowrank = grouping == "lowrank"
   config_lib.DistrConfig(group_size=group_size, block_q=block_q, num_projs=num_projs,
                          representative=representative, grouping=grouping,
                          seed=seed).validate(query.shape[-1])
@@ -93,6 +189,10 @@ def distr_attention_reference(
   kv_len = key.shape[1]
   num_groups = d // group_size
   scale = 1.0 / math.sqrt(d) if scale is None else scale  # full d: Qrep Kf^T estimates Q K^T
+  if lowrank:
+    return _lowrank_reference(query, key, value, masks, group_size=group_size,
+                              block_q=block_q, scale=scale, lowrank_maps=lowrank_maps,
+                              per_kv_head=lowrank_per_kv_head)
   if perm is None:
     perm = grouping_lib.block_permutations(
         query, block_q=block_q, group_size=group_size, grouping=grouping,

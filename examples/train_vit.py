@@ -35,6 +35,8 @@ import optax
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from distrattention_jax import grouping as grouping_lib
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vit import AttentionConfig, ViT  # noqa: E402
 
@@ -81,7 +83,8 @@ def parse_args(argv=None):
   p.add_argument("--group-size", type=int, default=2)
   p.add_argument("--block-q", type=int, default=16)
   p.add_argument("--representative", default="mean", choices=["mean", "sample"])
-  p.add_argument("--grouping", default="greedy", choices=["greedy", "lsh", "random"])
+  p.add_argument("--grouping", default="greedy",
+                 choices=list(grouping_lib.grouping_names()))
   p.add_argument("--implementation", default=None,
                  help="None (auto: cudnn or pallas on a GPU, xla on a CPU), xla, cudnn, pallas, "
                       "pallas_interpret")

@@ -1,0 +1,513 @@
+"""grouping="lowrank": the best rank-(d/G) factorisation of each block's scores."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distrattention_jax as dj
+from distrattention_jax import lowrank
+from distrattention_jax import reference
+from pallas_kernels.triton import lowrank_factor
+
+
+def _structured(rng, batch, length, heads, d, protos=6, noise=0.2, kv_heads=None):
+  """Q/K whose columns are noisy copies of a few prototypes (like trained models' Q/K)."""
+  kv_heads = heads if kv_heads is None else kv_heads
+  base = rng.standard_normal((batch, length, heads, protos))
+  q = base[..., rng.integers(0, protos, size=d)] + noise * rng.standard_normal(
+      (batch, length, heads, d))
+  kb = rng.standard_normal((batch, length, kv_heads, protos))
+  k = kb[..., rng.integers(0, protos, size=d)] + 0.5 * rng.standard_normal(
+      (batch, length, kv_heads, d))
+  return jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+
+
+def _blocks(x, block_q):
+  """numpy `[B, T, H, d]` -> list over blocks of `[B, rows, H, d]` (last one short)."""
+  x = np.asarray(x, np.float64)
+  return [x[:, s:s + block_q] for s in range(0, x.shape[1], block_q)]
+
+
+def _errors(query, key, q_map, k_map, block_q, query_valid=None, key_valid=None):
+  """Relative Frobenius error of `(Q_b A)(K B)^T` against `Q_b K^T` per (batch, head,
+  block) on real rows/keys, and the optimum (numpy SVD of the explicit scores)."""
+  q, k = np.asarray(query, np.float64), np.asarray(key, np.float64)
+  batch, q_len, heads, d = q.shape
+  group = heads // k.shape[2]
+  k_heads = k_map.shape[1]
+  rank = q_map.shape[-1]
+  qv = np.ones((batch, q_len), bool) if query_valid is None else np.asarray(query_valid)
+  kv = np.ones((batch, k.shape[1]), bool) if key_valid is None else np.asarray(key_valid)
+  got, best = [], []
+  for b in range(batch):
+    for h in range(heads):
+      keys = k[b, kv[b], h // group]
+      for n, start in enumerate(range(0, q_len, block_q)):
+        rows = q[b, start:start + block_q, h][qv[b, start:start + block_q]]
+        s = rows @ keys.T
+        norm = np.linalg.norm(s)
+        if norm == 0:
+          continue
+        kh = h if k_heads == heads else h // group
+        approx = (rows @ np.asarray(q_map[b, h, n], np.float64)) @ (
+            keys @ np.asarray(k_map[b, kh, n], np.float64)).T
+        sv = np.linalg.svd(s, compute_uv=False)
+        got.append(np.linalg.norm(approx - s) / norm)
+        best.append(np.sqrt(np.sum(sv[rank:] ** 2)) / norm)
+  return np.array(got), np.array(best)
+
+
+@pytest.mark.parametrize("d,group_size,block_q,length", [
+    (16, 2, 8, 21),     # blocks of 8 rows < d: singular query Grams
+    (32, 4, 64, 40),    # one factorisation per sequence
+    (32, 2, 16, 48),
+])
+def test_exact_maps_reach_the_optimum(d, group_size, block_q, length):
+  rng = np.random.default_rng(d + group_size)
+  q, k = _structured(rng, 2, length, 2, d)
+  q_map, k_map = lowrank.lowrank_maps(q, k, block_q=block_q, group_size=group_size,
+                                      method="exact")
+  nb = -(-length // block_q)
+  assert q_map.shape == (2, 2, nb, d, d // group_size) == k_map.shape
+  assert q_map.dtype == k_map.dtype == jnp.float32
+  got, best = _errors(q, k, q_map, k_map, block_q)
+  np.testing.assert_allclose(got, best, atol=2e-4)
+
+
+def test_padding_is_excluded_from_the_grams():
+  rng = np.random.default_rng(3)
+  q, k = _structured(rng, 2, 24, 2, 16)
+  q_lens, k_lens = np.array([24, 11]), np.array([20, 9])
+  qv = jnp.arange(24)[None] < q_lens[:, None]
+  kv = jnp.arange(24)[None] < k_lens[:, None]
+  for method in ("exact", "iter"):
+    maps = lowrank.lowrank_maps(q, k, block_q=8, group_size=2, query_valid=qv,
+                                key_valid=kv, method=method)
+    got, best = _errors(q, k, *maps, 8, qv, kv)
+    np.testing.assert_allclose(got, best, atol=2e-4 if method == "exact" else 5e-3)
+    # Changing what sits in the padding changes nothing.
+    q2 = jnp.where(qv[:, :, None, None], q, 100.0)
+    k2 = jnp.where(kv[:, :, None, None], k, -7.0)
+    maps2 = lowrank.lowrank_maps(q2, k2, block_q=8, group_size=2, query_valid=qv,
+                                 key_valid=kv, method=method)
+    for m, m2 in zip(maps, maps2):
+      np.testing.assert_allclose(m, m2, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_deficient_grams_fewer_rows_than_rank():
+  """3 real rows and rank-2 keys: the scores have rank <= 2, reproduced exactly."""
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((1, 3, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 12, 1, 2)) @ rng.standard_normal((2, 16)),
+                  jnp.float32)
+  for method in ("exact", "iter"):
+    maps = lowrank.lowrank_maps(q, k, block_q=64, group_size=2, method=method)
+    assert all(bool(jnp.all(jnp.isfinite(m))) for m in maps)
+    got, _ = _errors(q, k, *maps, 64)
+    assert got.max() < 1e-4, (method, got)
+
+
+@pytest.mark.parametrize("d,group_size", [(32, 4), (64, 4), (64, 8)])
+def test_iteration_reaches_the_exact_optimum(d, group_size):
+  rng = np.random.default_rng(d * group_size)
+  q, k = _structured(rng, 1, 96, 2, d)
+  got, best = _errors(q, k, *lowrank.lowrank_maps(q, k, block_q=128, group_size=group_size,
+                                                  method="iter"), 128)
+  exact, _ = _errors(q, k, *lowrank.lowrank_maps(q, k, block_q=128, group_size=group_size,
+                                                 method="exact"), 128)
+  np.testing.assert_allclose(exact, best, atol=2e-4)
+  assert np.all(got <= 1.05 * best + 1e-4), (got, best)
+
+
+def test_kernel_matches_xla_iteration():
+  """The fused Pallas program (interpreted here) runs the same code as the vmapped XLA."""
+  rng = np.random.default_rng(5)
+  q, k = _structured(rng, 1, 40, 4, 32, kv_heads=2)
+  for per_kv_head in (False, True):
+    xla = lowrank.lowrank_maps(q, k, block_q=16, group_size=4, method="iter",
+                               use_kernel=False, per_kv_head=per_kv_head)
+    ker = lowrank.lowrank_maps(q, k, block_q=16, group_size=4, method="iter",
+                               use_kernel=True, per_kv_head=per_kv_head)
+    for x, y in zip(xla, ker):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(x))))
+
+
+def test_per_kv_head_against_per_query_head():
+  rng = np.random.default_rng(6)
+  q, k = _structured(rng, 1, 32, 4, 16, kv_heads=2)
+  per_q = lowrank.lowrank_maps(q, k, block_q=64, group_size=2, method="exact")
+  per_kv = lowrank.lowrank_maps(q, k, block_q=64, group_size=2, method="exact",
+                                per_kv_head=True)
+  assert per_q[1].shape == (1, 4, 1, 16, 8) and per_kv[1].shape == (1, 2, 1, 16, 8)
+  np.testing.assert_array_equal(per_kv[0][:, 0], per_kv[0][:, 1])  # one A per kv head
+  err_q, best = _errors(q, k, *per_q, 64)
+  err_kv, _ = _errors(q, k, *per_kv, 64)
+  np.testing.assert_allclose(err_q, best, atol=2e-4)
+  assert np.all(err_kv >= err_q - 1e-5)
+  # Shared maps are the optimum of the kv head's stacked scores [Q_h1; Q_h2] K^T.
+  qn, kn = np.asarray(q, np.float64)[0], np.asarray(k, np.float64)[0]
+  for j in range(2):
+    rows = np.concatenate([qn[:, 2 * j], qn[:, 2 * j + 1]])
+    s = rows @ kn[:, j].T
+    approx = rows @ np.asarray(per_kv[0][0, 2 * j, 0]) @ (kn[:, j] @ np.asarray(per_kv[1][0, j, 0])).T
+    sv = np.linalg.svd(s, compute_uv=False)
+    np.testing.assert_allclose(np.linalg.norm(approx - s), np.sqrt(np.sum(sv[8:] ** 2)),
+                               rtol=1e-3)
+  for method in ("iter",):
+    it = lowrank.lowrank_maps(q, k, block_q=64, group_size=2, method=method, per_kv_head=True)
+    err_it, _ = _errors(q, k, *it, 64)
+    assert np.all(err_it <= 1.05 * err_kv + 1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "iter"])
+def test_no_nan_with_all_padding(method):
+  rng = np.random.default_rng(7)
+  q, k = _structured(rng, 2, 16, 2, 16)
+  qv = jnp.array([[True] * 16, [False] * 16])   # second sequence is all padding
+  kv = jnp.array([[True] * 16, [False] * 16])
+  maps = lowrank.lowrank_maps(q, k, block_q=8, group_size=2, query_valid=qv, key_valid=kv,
+                              method=method)
+  for m in maps:
+    assert bool(jnp.all(jnp.isfinite(m)))
+    assert float(jnp.max(jnp.abs(m[1]))) == 0.0
+  zeros = jnp.zeros_like(q)
+  for m in lowrank.lowrank_maps(zeros, zeros, block_q=8, group_size=4, method=method):
+    assert bool(jnp.all(m == 0))
+  v = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  out = dj.distr_attention_reference(q, k, v, grouping="lowrank", group_size=2, block_q=8,
+                                     query_seq_lengths=jnp.array([16, 0]),
+                                     key_value_seq_lengths=jnp.array([16, 0]))
+  assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.max(jnp.abs(out[1]))) == 0.0
+
+
+def test_reference_maps_equal_library_maps():
+  """The reference's own transcription and lowrank.py agree (same scores)."""
+  rng = np.random.default_rng(8)
+  q, k = _structured(rng, 2, 20, 4, 16, kv_heads=2)
+  qv = jnp.arange(20)[None] < jnp.array([20, 13])[:, None]
+  for per_kv_head in (False, True):
+    ref = reference.lowrank_maps_reference(q, k, block_q=8, group_size=2, query_valid=qv,
+                                           per_kv_head=per_kv_head)
+    lib = lowrank.lowrank_maps(q, k, block_q=8, group_size=2, query_valid=qv,
+                               method="exact", per_kv_head=per_kv_head)
+    e_ref, best = _errors(q, k, *ref, 8, qv)
+    e_lib, _ = _errors(q, k, *lib, 8, qv)
+    np.testing.assert_allclose(e_ref, e_lib, atol=1e-5)
+    if not per_kv_head:
+      np.testing.assert_allclose(e_ref, best, atol=2e-4)
+
+
+def test_reference_forward_identity_and_gradients():
+  """With maps held fixed, the reference is exact attention at Q_exp = Q A B^T, and its
+  gradients are jax.grad of that (maps constant)."""
+  rng = np.random.default_rng(9)
+  q, k = _structured(rng, 1, 12, 2, 16)
+  v = jnp.asarray(rng.standard_normal((1, 12, 2, 16)), jnp.float32)
+  maps = lowrank.calibrate_lowrank_maps(q, k, group_size=4, method="exact")
+  expand = jnp.einsum("hdr,her->hde", *maps)           # A B^T per head
+  fn = functools.partial(dj.distr_attention_reference, group_size=4, block_q=8,
+                         grouping="lowrank", lowrank_maps=maps, is_causal=True)
+
+  def via_qexp(q, k, v):
+    return dj.exact_attention(jnp.einsum("bthd,hde->bthe", q, expand), k, v, is_causal=True)
+
+  np.testing.assert_allclose(fn(q, k, v), via_qexp(q, k, v), rtol=1e-5, atol=1e-5)
+  w = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+  g_ref = jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  g_exp = jax.grad(lambda *a: jnp.sum(via_qexp(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_ref, g_exp):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Data-fitted maps are constants too: the gradient equals the one with those maps fixed.
+  fit = reference.lowrank_maps_reference(q, k, block_q=8, group_size=4)
+  g_fit = jax.grad(lambda q: jnp.sum(dj.distr_attention_reference(
+      q, k, v, group_size=4, block_q=8, grouping="lowrank") * w))(q)
+  g_fixed = jax.grad(lambda q: jnp.sum(dj.distr_attention_reference(
+      q, k, v, group_size=4, block_q=8, grouping="lowrank", lowrank_maps=fit) * w))(q)
+  np.testing.assert_allclose(g_fit, g_fixed, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_full_rank_is_exact_and_accuracy_beats_greedy():
+  rng = np.random.default_rng(10)
+  q, k = _structured(rng, 1, 64, 2, 32)
+  v = jnp.asarray(rng.standard_normal((1, 64, 2, 32)), jnp.float32)
+  exact = dj.exact_attention(q, k, v)
+  full = dj.distr_attention_reference(q, k, v, grouping="lowrank", group_size=1, block_q=16)
+  np.testing.assert_allclose(full, exact, rtol=1e-3, atol=1e-4)
+  err = {}
+  for grouping in ("lowrank", "greedy"):
+    out = dj.distr_attention_reference(q, k, v, grouping=grouping, group_size=4, block_q=64)
+    err[grouping] = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+  assert err["lowrank"] < 0.5 * err["greedy"], err
+
+
+def test_causal_leak_and_fixed_maps_are_causal_safe():
+  """Data-fitted maps let an earlier query see later tokens; calibrated maps do not."""
+  rng = np.random.default_rng(11)
+  q, k = _structured(rng, 1, 32, 2, 16)
+  v = jnp.asarray(rng.standard_normal((1, 32, 2, 16)), jnp.float32)
+  q2 = q.at[:, 20:].add(3.0 * jnp.asarray(rng.standard_normal((1, 12, 2, 16)), jnp.float32))
+  k2 = k.at[:, 20:].add(3.0 * jnp.asarray(rng.standard_normal((1, 12, 2, 16)), jnp.float32))
+  calib_q, calib_k = _structured(np.random.default_rng(12), 2, 32, 2, 16)
+  fixed = lowrank.calibrate_lowrank_maps(calib_q, calib_k, group_size=4)
+  run = functools.partial(dj.distr_attention_reference, group_size=4, block_q=32,
+                          grouping="lowrank", is_causal=True)
+  leak = jnp.max(jnp.abs(run(q, k, v)[:, :20] - run(q2, k2, v)[:, :20]))
+  assert float(leak) > 1e-3  # the per-sequence factorisation saw tokens 20..31
+  safe = jnp.max(jnp.abs(run(q, k, v, lowrank_maps=fixed)[:, :20]
+                         - run(q2, k2, v, lowrank_maps=fixed)[:, :20]))
+  assert float(safe) < 1e-6
+  # A prefix calibration is causal-safe for the rows after it as well.
+  prefix = lowrank.calibrate_lowrank_maps(q[:, :8], k[:, :8], group_size=4)
+  out1 = run(q, k, v, lowrank_maps=prefix)
+  out2 = run(q2, k2, v, lowrank_maps=prefix)
+  assert float(jnp.max(jnp.abs(out1[:, :20] - out2[:, :20]))) < 1e-6
+
+
+def test_calibrated_maps_shapes_and_single_sequence():
+  rng = np.random.default_rng(13)
+  q, k = _structured(rng, 1, 24, 4, 16, kv_heads=2)
+  for per_kv_head, hk in ((False, 4), (True, 2)):
+    cq, ck = lowrank.calibrate_lowrank_maps(q, k, group_size=2, method="exact",
+                                            per_kv_head=per_kv_head)
+    assert cq.shape == (4, 16, 8) and ck.shape == (hk, 16, 8)
+    sq, sk = lowrank.lowrank_maps(q, k, block_q=32, group_size=2, method="exact",
+                                  per_kv_head=per_kv_head)
+    e1, _ = _errors(q, k, cq[None, :, None], ck[None, :, None], 32)
+    e2, _ = _errors(q, k, sq, sk, 32)
+    np.testing.assert_allclose(e1, e2, atol=1e-5)
+    bq, bk = lowrank.broadcast_maps((cq, ck), 3, 5)
+    assert bq.shape == (3, 4, 5, 16, 8) and bk.shape == (3, hk, 5, 16, 8)
+
+
+def test_projections_match_reference_scores():
+  rng = np.random.default_rng(14)
+  q, k = _structured(rng, 2, 20, 4, 16, kv_heads=2)
+  q_map, k_map = lowrank.lowrank_maps(q, k, block_q=8, group_size=2, per_kv_head=True)
+  qp = lowrank.project_query(q, q_map, 8)          # [B, Tq, H, r]
+  kp = lowrank.project_key(k, k_map)               # [B, Hkv, nb, Tk, r]
+  assert qp.shape == (2, 20, 4, 8) and kp.shape == (2, 2, 3, 20, 8)
+  qn, kn = np.asarray(q), np.asarray(k)
+  for n in range(3):
+    rows = slice(8 * n, 8 * n + 8)
+    got = np.einsum("bihr,bhjr->bhij", np.asarray(qp[:, rows]),
+                    np.repeat(np.asarray(kp[:, :, n]), 2, axis=1))
+    a = np.einsum("bihd,bhdr->bihr", qn[:, rows], np.asarray(q_map[:, :, n]))
+    kk = np.einsum("bjkd,bkdr->bkjr", kn, np.asarray(k_map[:, :, n]))
+    want = np.einsum("bihr,bhjr->bhij", a, np.repeat(kk, 2, axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d,rank", [(64, 8), (128, 32), (256, 64)])
+def test_kernel_lowers_for_cuda(d, rank):
+  """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
+  primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                     platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  gram = jax.ShapeDtypeStruct((4, d, d), jnp.float32)
+  fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.jit(fn).trace(gram, jax.ShapeDtypeStruct((2, d, d), jnp.float32)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "distr_lowrank_factor" in text
+
+
+def test_causal_prefix_maps_are_causal_and_adapt():
+  rng = np.random.default_rng(15)
+  q, k = _structured(rng, 1, 40, 4, 16, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.float32)
+  calib = _structured(np.random.default_rng(16), 2, 40, 4, 16, kv_heads=2)
+  run = functools.partial(dj.distr_attention_reference, group_size=4, block_q=8,
+                          grouping="lowrank", is_causal=True)
+  for per_kv_head in (False, True):
+    first = lowrank.calibrate_lowrank_maps(*calib, group_size=4, per_kv_head=per_kv_head)
+    maps = lowrank.causal_prefix_maps(q, k, block_q=8, group_size=4, first_maps=first,
+                                      method="exact", per_kv_head=per_kv_head)
+    assert maps[0].shape == (1, 4, 5, 16, 4) and maps[1].shape[:3] == (
+        1, 2 if per_kv_head else 4, 5)
+    # Block n's maps are the ones fitted to tokens 0 .. 8n-1 alone.
+    for n in (1, 3):
+      alone = lowrank.lowrank_maps(q[:, :8 * n], k[:, :8 * n], block_q=64, group_size=4,
+                                   method="exact", per_kv_head=per_kv_head)
+      e1, _ = _errors(q[:, :8 * n], k[:, :8 * n], maps[0][:, :, n:n + 1],
+                      maps[1][:, :, n:n + 1], 64)
+      e2, _ = _errors(q[:, :8 * n], k[:, :8 * n], *alone, 64)
+      np.testing.assert_allclose(e1, e2, atol=1e-5)
+    for t in (8, 13, 27):   # change tokens t.. : rows < t must not move
+      q2 = q.at[:, t:].add(2.0)
+      k2 = k.at[:, t:].multiply(-1.5)
+      maps2 = lowrank.causal_prefix_maps(q2, k2, block_q=8, group_size=4, first_maps=first,
+                                         method="exact", per_kv_head=per_kv_head)
+      out1 = run(q, k, v, lowrank_maps=maps)
+      out2 = run(q2, k2, v, lowrank_maps=maps2)
+      assert float(jnp.max(jnp.abs(out1[:, :t] - out2[:, :t]))) < 1e-5
+
+
+# --- grouping="lowrank" through distr_attention, its backends and the Flax layers ------
+
+# (name, q_len, kv_len, heads, kv_heads, d, block_q, group_size, options)
+BACKEND_CASES = [
+    ("one-block-causal-lengths-gqa", 96, 96, 4, 2, 32, 256, 4,
+     {"is_causal": True, "lengths": True}),
+    ("blocks-segments", 300, 120, 2, 2, 32, 256, 2, {"segments": True}),
+    ("one-block-mqa-g8", 64, 80, 2, 1, 64, 256, 8, {}),
+    # 16-row blocks: XLA only (Triton's gather layout needs a permutation: refused).
+    ("small-blocks-causal-lengths", 40, 40, 4, 2, 16, 16, 2,
+     {"is_causal": True, "lengths": True}),
+]
+
+
+def _backend_kwargs(options, batch, q_len, kv_len):
+  kw = {"is_causal": options.get("is_causal", False)}
+  if options.get("lengths"):
+    kw["query_seq_lengths"] = jnp.array([q_len, q_len // 2])
+    kw["key_value_seq_lengths"] = jnp.array([kv_len, kv_len // 3])
+  if options.get("segments"):
+    kw["segment_ids"] = (jnp.zeros((batch, q_len), jnp.int32).at[:, q_len // 2:].set(1),
+                         jnp.zeros((batch, kv_len), jnp.int32).at[:, kv_len // 3:].set(1))
+  return kw
+
+
+def _valid(kw, q_len, kv_len):
+  ql, kl = kw.get("query_seq_lengths"), kw.get("key_value_seq_lengths")
+  return (None if ql is None else jnp.arange(q_len)[None] < ql[:, None],
+          None if kl is None else jnp.arange(kv_len)[None] < kl[:, None])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton_interpret"])
+@pytest.mark.parametrize("per_kv_head", [True, False])
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_backends_match_reference(implementation, per_kv_head, case):
+  _, q_len, kv_len, heads, kv_heads, d, bq, g, options = case
+  if implementation != "xla" and bq < 256:
+    pytest.skip("Triton's gather layout refuses dense maps (test_lowrank_options_are_checked)")
+  rng = np.random.default_rng(q_len + d)
+  q, k = _structured(rng, 2, q_len, heads, d, kv_heads=kv_heads)
+  k = k[:, :kv_len] if kv_len <= q_len else jnp.concatenate([k, k[:, :kv_len - q_len]], 1)
+  v = jnp.asarray(rng.standard_normal((2, kv_len, kv_heads, d)), jnp.float32)
+  kw = dict(group_size=g, block_q=bq, grouping="lowrank", lowrank_per_kv_head=per_kv_head,
+            **_backend_kwargs(options, 2, q_len, kv_len))
+  out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, implementation=implementation,
+                                                   **kw))(q, k, v)
+  # The reference's own transcription of the maps (exact SVD): the same scores.
+  ref = jax.jit(lambda q, k, v: dj.distr_attention_reference(q, k, v, **kw))(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=2e-4, rtol=2e-4)
+  # Gradients: jax.grad of the reference with the same maps held constant.
+  qv, kv = _valid(kw, q_len, kv_len)
+  maps = lowrank.lowrank_maps(q, k, block_q=bq, group_size=g, query_valid=qv, key_valid=kv,
+                              per_kv_head=per_kv_head)
+  w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  ours = jax.grad(lambda q, k, v: jnp.sum(dj.distr_attention(
+      q, k, v, implementation=implementation, **kw) * w), argnums=(0, 1, 2))
+  theirs = jax.grad(lambda q, k, v: jnp.sum(dj.distr_attention_reference(
+      q, k, v, lowrank_maps=maps, **kw) * w), argnums=(0, 1, 2))
+  for a, b in zip(jax.jit(ours)(q, k, v), jax.jit(theirs)(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton_interpret"])
+def test_fixed_maps_through_backends_are_causal_safe(implementation):
+  rng = np.random.default_rng(21)
+  q, k = _structured(rng, 1, 64, 4, 32, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((1, 64, 2, 32)), jnp.float32)
+  calib = _structured(np.random.default_rng(22), 2, 64, 4, 32, kv_heads=2)
+  fixed = lowrank.calibrate_lowrank_maps(*calib, group_size=4)   # per kv head: Hk = 2
+  kw = dict(group_size=4, block_q=256, grouping="lowrank", is_causal=True)
+  run = jax.jit(lambda q, k, v, maps: dj.distr_attention(
+      q, k, v, implementation=implementation, lowrank_maps=maps, **kw))
+  out = run(q, k, v, fixed)
+  ref = dj.distr_attention_reference(q, k, v, lowrank_maps=fixed, **kw)
+  np.testing.assert_allclose(out, ref, atol=2e-4, rtol=2e-4)
+  q2, k2 = q.at[:, 40:].multiply(-2.0), k.at[:, 40:].add(1.0)
+  np.testing.assert_allclose(run(q2, k2, v, fixed)[:, :40], out[:, :40], atol=1e-6)
+  # Per-block causal prefix maps through the backend (block_q 256 >= Tq: one block, so
+  # the prefix maps are the fixed ones; with 16-row blocks on XLA they adapt).
+  if implementation == "xla":
+    kw16 = dict(kw, block_q=16)
+    maps = lowrank.causal_prefix_maps(q, k, block_q=16, group_size=4, first_maps=fixed)
+    maps2 = lowrank.causal_prefix_maps(q2, k2, block_q=16, group_size=4, first_maps=fixed)
+    o1 = dj.distr_attention(q, k, v, implementation="xla", lowrank_maps=maps, **kw16)
+    o2 = dj.distr_attention(q2, k2, v, implementation="xla", lowrank_maps=maps2, **kw16)
+    np.testing.assert_allclose(o1[:, :40], o2[:, :40], atol=1e-6)
+    np.testing.assert_allclose(
+        o1, dj.distr_attention_reference(q, k, v, lowrank_maps=maps, **kw16),
+        atol=2e-4, rtol=2e-4)
+
+
+def test_lowrank_options_are_checked():
+  q, k = _structured(np.random.default_rng(23), 1, 32, 4, 16, kv_heads=2)
+  v = k
+  fixed = lowrank.calibrate_lowrank_maps(q, k, group_size=2)
+  with pytest.raises(ValueError, match="grouping='lowrank'"):
+    dj.distr_attention(q, k, v, group_size=2, lowrank_maps=fixed)
+  with pytest.raises(ValueError, match="lowrank_maps must be"):
+    dj.distr_attention(q, k, v, group_size=4, grouping="lowrank", lowrank_maps=fixed)
+  with pytest.raises(ValueError, match="lowrank_per_kv_head"):
+    dj.distr_attention(q, k, v, group_size=2, grouping="lowrank", lowrank_per_kv_head=1)
+  # The Triton in-kernel gather (block_q < 256) needs a permutation: refused, by reason.
+  with pytest.raises(NotImplementedError, match="permutation"):
+    dj.distr_attention(q, k, v, group_size=2, block_q=16, grouping="lowrank",
+                       implementation="triton_interpret")
+  dj.DistrConfig(grouping="lowrank").validate(16)
+
+
+def test_flax_layers_run_lowrank():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(24)
+  x = jnp.asarray(rng.standard_normal((2, 24, 32)), jnp.float32)
+  layer = dj.DistrMultiHeadDotProductAttention(num_heads=2, config=dj.DistrConfig(
+      group_size=4, block_q=64, grouping="lowrank", implementation="xla"))
+  params = layer.init(jax.random.key(0), x)
+  out = layer.apply(params, x)
+  plain = nn.MultiHeadDotProductAttention(num_heads=2)
+  exact = plain.apply(params, x)
+  assert out.shape == exact.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)) < 0.5
+  fn = dj.make_attention_fn(group_size=4, block_q=64, grouping="lowrank",
+                            lowrank_per_kv_head=False, implementation="xla")
+  q, k = _structured(rng, 2, 24, 2, 16)
+  np.testing.assert_allclose(
+      fn(q, k, k), dj.distr_attention(q, k, k, group_size=4, block_q=64, grouping="lowrank",
+                                      implementation="xla"), atol=1e-5)
+
+
+# --- on a GPU (skipped elsewhere): the fused factorisation kernel and the narrow backends
+
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("implementation", ["cudnn", "triton", "xla"])
+@pytest.mark.parametrize("per_kv_head", [True, False])
+def test_gpu_parity(implementation, per_kv_head):
+  """bf16 through each backend on a GPU (cuDNN narrow: one block, d/G % 8 == 0; Triton
+  "blocks"), against the float32 reference with the same maps, and the kernel's maps
+  against the exact optimum."""
+  rng = np.random.default_rng(31)
+  q, k = _structured(rng, 2, 512, 4, 64, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((2, 512, 2, 64)), jnp.float32)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  kw = dict(group_size=4, block_q=512, grouping="lowrank", is_causal=True,
+            lowrank_per_kv_head=per_kv_head,
+            query_seq_lengths=jnp.array([512, 300]), key_value_seq_lengths=jnp.array([512, 200]))
+  out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, implementation=implementation,
+                                                   **kw))(q16, k16, v16)
+  qv, kv = _valid(kw, 512, 512)
+  maps = lowrank.lowrank_maps(q16, k16, block_q=512, group_size=4, query_valid=qv,
+                              key_valid=kv, per_kv_head=per_kv_head,
+                              use_kernel=implementation != "xla")
+  ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q16, k16, v16)),
+                                     lowrank_maps=maps, **kw)
+  err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  assert err < 2e-2, err
+  kernel_maps = lowrank.lowrank_maps(q, k, block_q=512, group_size=4, per_kv_head=False,
+                                     method="iter", use_kernel=True)
+  got, best = _errors(q, k, *kernel_maps, 512)
+  assert np.all(got <= 1.05 * best + 1e-3), (got, best)
