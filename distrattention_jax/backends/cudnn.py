@@ -103,7 +103,10 @@ def _call_cudnn(query, key, value, masks, scale):
     q_lengths = (jnp.full((batch,), q_len, jnp.int32) if q_lengths is None
                  else jnp.clip(q_lengths, 0, q_len))
     kv_lengths = (jnp.full((batch,), kv_len, jnp.int32) if kv_lengths is None
-                  else jnp.clip(kv_lengths, 0, kv_len))
+                  else jnp.clip(kv_lengths, 1, kv_len))
+    # A sequence with no key (length 0) is run with one key: cuDNN's backward gives NaN
+    # for an empty key set (H100, 2026-11-25); its rows are set to 0 after the call, so
+    # their cotangent is 0 and every gradient through them is exactly 0.
   query, key, value = _pad_seq(query, q_even), _pad_seq(key, kv_even), _pad_seq(value, kv_even)
   if query.shape[-1] == value.shape[-1]:
     out = jax.nn.dot_product_attention(
