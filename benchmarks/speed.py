@@ -98,6 +98,7 @@ def main(argv=None):
   p.add_argument("--block-q-large", type=int, default=1024)
   p.add_argument("--xla-max-n", type=int, default=8192)
   p.add_argument("--only", default=None, help="comma-separated substrings of names to run")
+  p.add_argument("--exact", action="store_true", help="--only lists whole names")
   p.add_argument("--quick", action="store_true", help="tiny CPU shapes (smoke test)")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls, at least")
@@ -116,7 +117,8 @@ def main(argv=None):
       for causal in map(bool, args.causal):
         fns = implementations(args, n, d, causal, gpu and not args.quick)
         for name, fn in fns.items():
-          if args.only and not any(s in name for s in args.only.split(",")):
+          if args.only and not any((s == name) if args.exact else (s in name)
+                                   for s in args.only.split(",")):
             continue
           if name == "xla" and n > args.xla_max_n:
             continue

@@ -3,6 +3,8 @@
 #   PYTHONPATH=. bash scripts/gpu_bench.sh A   # greedy GPU test, grouping cost, d=64/256 speed
 #   PYTHONPATH=. bash scripts/gpu_bench.sh C   # only the d=64/256 speed part of A
 #   PYTHONPATH=. bash scripts/gpu_bench.sh B   # d=128 speed at N=4096/16384, causal off/on
+#   PYTHONPATH=. bash scripts/gpu_bench.sh M   # the mosaic backend vs cuDNN end to end
+#                                              # (d=128/256, N=16384; N=4096) + lowrank cost
 # tokamax is timed when importable (carry its wheels in .whl/, see the device notes).
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
@@ -20,6 +22,22 @@ case "${1:-A}" in
   C)
     timeout 540 python -m benchmarks.speed --n 16384 --d 64 256 --groups 2 4 8 --causal 0 \
       --reps 10 --min-time 0.2 --tag=-d64-d256 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
+  M)
+    mosaic="mosaic G=1,mosaic-distr G=2 bq=N,mosaic-distr G=4 bq=N,mosaic-distr G=8 bq=N"
+    mosaic="$mosaic,mosaic-lowrank G=4 bq=N,mosaic-distr G=4 bq=1024,cudnn-distr G=4 bq=N"
+    for causal in 0 1; do
+      timeout 160 python -m benchmarks.speed --n 16384 --d 128 --groups 2 4 8 --causal $causal \
+        --exact --only "cudnn,$mosaic" --reps 10 --min-time 0.2 \
+        --tag=-mosaic-d128-c$causal --out-dir "$out" 2>&1 | grep -v "^wrote"
+    done
+    timeout 90 python -m benchmarks.speed --n 16384 --d 256 --groups 4 8 --causal 0 --exact \
+      --only "cudnn,mosaic-distr G=4 bq=N,mosaic-distr G=8 bq=N,mosaic-lowrank G=4 bq=N" \
+      --reps 10 --min-time 0.2 --tag=-mosaic-d256 --out-dir "$out" 2>&1 | grep -v "^wrote"
+    timeout 55 python -m benchmarks.speed --n 4096 --d 128 --groups 4 --causal 0 --exact \
+      --only "cudnn,mosaic-distr G=4 bq=N,mosaic-lowrank G=4 bq=N" --reps 10 --min-time 0.2 \
+      --tag=-mosaic-n4096 --out-dir "$out" 2>&1 | grep -v "^wrote"
+    timeout 60 python -m benchmarks.lowrank_cost --d 64 128 256 --groups 4 --out-dir "$out" \
+      2>&1 | grep -v Warn | tail -12 ;;
   B)
     timeout 560 python -m benchmarks.speed --n 4096 16384 --d 128 --groups 2 4 8 \
       --causal 0 1 --reps 10 --min-time 0.2 --tag=-d128 --out-dir "$out" 2>&1 | grep -v "^wrote" ;;
