@@ -101,6 +101,9 @@ def factor_exact(gq, gk, rank):
   return a, b
 
 
+KERNEL_MAX_HEAD_DIM = 128  # widest head dim the fused factorisation program fits
+
+
 def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   """`(A, B)` `[..., d, r]` by subspace iteration (matmuls only).
 
@@ -112,6 +115,11 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   batch_shape = gq.shape[:-2]
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
+  if use_kernel and d > KERNEL_MAX_HEAD_DIM:
+    # The fused program holds the d x d Grams in shared memory: at d=256 it asked for
+    # 589824 bytes of the H100's 232448 (2026-11-25), so wider heads run the same
+    # iteration as XLA ops (same result, more launches).
+    use_kernel = False
   if use_kernel:
     gq_flat = gq.reshape(-1, d, d)
     gk_b = jnp.broadcast_to(gk, batch_shape + (d, d))

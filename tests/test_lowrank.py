@@ -511,3 +511,17 @@ def test_gpu_parity(implementation, per_kv_head):
                                      method="iter", use_kernel=True)
   got, best = _errors(q, k, *kernel_maps, 512)
   assert np.all(got <= 1.05 * best + 1e-3), (got, best)
+
+
+def test_wide_heads_run_the_iteration_as_xla_ops(monkeypatch):
+  """At d=256 the fused program's Grams overflow an H100's shared memory (it asked for
+  589824 of 232448 bytes, 2026-11-25): the same iteration runs as XLA ops instead."""
+  def fail(*args, **kwargs):
+    raise AssertionError("the fused program was called for d=256")
+  monkeypatch.setattr(lowrank_factor, "factor_grams_kernel", fail)
+  rng = np.random.default_rng(41)
+  x = rng.standard_normal((2, 300, 256))
+  gq = jnp.asarray(np.einsum("btd,bte->bde", x, x), jnp.float32)
+  a, b = lowrank.factor_iter(gq, gq, 64, use_kernel=True)
+  assert a.shape == b.shape == (2, 256, 64)
+  assert np.all(np.isfinite(np.asarray(a))) and np.all(np.isfinite(np.asarray(b)))
