@@ -55,11 +55,15 @@ def test_supports(d, group_size, block_q):
       _problem(d=d, dv=d, group_size=group_size, block_q=block_q)) is None
 
 
-@pytest.mark.parametrize("group_size,picked", [(1, False), (2, True), (4, True)])
-def test_none_picks_mosaic_only_where_it_was_faster(group_size, picked):
-  # On a (pretended) Hopper GPU: G=1 goes to a later backend (cuDNN on a real GPU; our
-  # G=1 fwd+bwd measured 0.90x of cuDNN's), G > 1 to mosaic.
-  problem = dataclasses.replace(_problem(group_size=group_size), platform="gpu")
+@pytest.mark.parametrize("group_size,block_q,kv_len,picked", [
+    (1, 16384, 16384, False), (2, 16384, 16384, True), (4, 16384, 16384, True),
+    (4, 1024, 16384, False), (4, 4096, 4096, False)])
+def test_none_picks_mosaic_only_where_it_was_faster(group_size, block_q, kv_len, picked):
+  # On a (pretended) Hopper GPU: mosaic for G > 1 with one grouping per sequence and
+  # 16384+ keys (measured faster than cuDNN there); otherwise a later backend (cuDNN on
+  # a real GPU).
+  problem = dataclasses.replace(_problem(group_size=group_size, block_q=block_q),
+                                platform="gpu", q_len=kv_len, kv_len=kv_len)
   with mock.patch.object(mosaic_backend, "_is_hopper_or_newer", return_value=True):
     assert mosaic_backend.MosaicBackend().supports(problem) is None
     assert (backends.select(None, problem).name == "mosaic") == picked

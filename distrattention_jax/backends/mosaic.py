@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from distrattention_jax.backends import base
 
+PREFERRED_MIN_KV_LEN = 16384  # None picks mosaic from here (measured, see preferred_for)
 MIN_BLOCK = 128  # grouping blocks: a multiple of the kernels' 128-row query tile
 
 
@@ -67,10 +68,14 @@ class MosaicBackend(base.Backend):
     return _supports(problem)
 
   def preferred_for(self, problem):
-    # Measured on an H100 (docs/KERNEL_NOTES.md, 2026-11-25, N=16384, d=128): at G=1 our
-    # forward+backward is 0.90x cuDNN's (0.94x causal), so exact attention stays on cuDNN
-    # when it applies; every G > 1 measured was faster than cuDNN forward (1.17-1.42x).
-    return problem.group_size > 1
+    # Measured end to end on an H100 (README "Results", 2026-11-25, B=1, H=16, bf16;
+    # benchmarks/results/speed-mosaic-e2e-*): with one grouping per sequence and 16384
+    # keys, G=2..8 beat cuDNN (d=128 G=4: 1.21x forward, 1.34x forward+backward); G=1
+    # (0.88x forward+backward), per-1024-row grouping blocks (0.78-0.99x) and 4096 keys
+    # (0.75x forward) did not. Lengths between 4096 and 16384 are unmeasured. Elsewhere
+    # None goes on to cuDNN; implementation="mosaic" still runs all of these.
+    return (problem.group_size > 1 and problem.num_blocks == 1
+            and problem.kv_len >= PREFERRED_MIN_KV_LEN)
 
   def __call__(self, query, key, value, reduction, masks, problem):
     """`[B, Tq, H, dv]`; rows with no key to attend are 0 (the kernels return 0 there)."""
