@@ -300,6 +300,7 @@ def plot(rows, path, max_len):
     title = f"block_q={bq}" + (" (one per sequence)" if bq >= max_len else "")
     ax.set(xscale="log", xticks=sorted({r["G"] for r in rows}), xlabel="G", title=title)
     ax.set_xticklabels([str(t) for t in sorted({r["G"] for r in rows})])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("embedding cosine vs exact (mean; bar to 5th pct)")
   axes[0][0].legend(fontsize=8)

@@ -108,6 +108,14 @@ def test_rank_deficient_grams_fewer_rows_than_rank():
     assert all(bool(jnp.all(jnp.isfinite(m))) for m in maps)
     got, _ = _errors(q, k, *maps, 64)
     assert got.max() < 1e-4, (method, got)
+  # Fewer rows than r, full-rank keys, larger values, many steps (bounded, finite).
+  q = jnp.asarray(3 * rng.standard_normal((1, 5, 2, 32)), jnp.float32)
+  k = jnp.asarray(3 * rng.standard_normal((1, 40, 2, 32)), jnp.float32)
+  for steps in (4, 12):
+    maps = lowrank.lowrank_maps(q, k, block_q=64, group_size=2, method="iter", steps=steps)
+    assert all(bool(jnp.all(jnp.isfinite(m))) for m in maps)
+    got, _ = _errors(q, k, *maps, 64)
+    assert got.max() < 1e-4, (steps, got)
 
 
 @pytest.mark.parametrize("d,group_size", [(32, 4), (64, 4), (64, 8)])

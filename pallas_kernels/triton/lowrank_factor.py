@@ -60,9 +60,10 @@ def metric_orth(w, p, tol, *, drop=True):
   Returns `(w T, p T)` with T upper triangular and `(w T)^T G (w T) = I` on the kept
   columns: Gram-Schmidt on the r x r matrix `C = w^T p`, column by column. A column whose
   squared norm (after removing the earlier ones) is below `tol` times the largest is
-  dropped (zero) if `drop`, else divided by the square root of that floor instead: inside
-  the iteration a direction that one unlucky step leaves nearly dependent (rounding
-  noise in float32) is kept, so the next step can grow it back. A zero `w` stays zero.
+  dropped (zero) if `drop`, else kept with unit Euclidean norm instead: inside the
+  iteration a direction that one unlucky step leaves nearly dependent (rounding noise
+  in float32) is kept, bounded, so the next step can grow it back if it is real (and
+  it stays harmless noise if the scores have rank < r). A zero `w` stays zero.
   """
   r = w.shape[1]
   c = _dot(w.T, p)
@@ -73,22 +74,32 @@ def metric_orth(w, p, tol, *, drop=True):
   ids = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
 
   def body(j, carry):
-    t, ct = carry  # columns < j: the orthonormal combinations so far, and C times them
+    t, ct, t_low, low = carry  # columns < j: the orthonormal combinations so far, C t,
+    # and the unnormalised combinations of columns below the floor (flagged in `low`)
     coeff = jnp.sum(jnp.where(rows == j, ct, 0.0), axis=0)  # <t_i, e_j>_C = (C t_i)[j]
     v = jnp.where(ids == j, 1.0, 0.0) - jnp.sum(t * coeff[None, :], axis=1)
     cv = _column(c, j, cols) - jnp.sum(ct * coeff[None, :], axis=1)
     n2 = jnp.sum(v * cv)
     floor = jnp.maximum(tol * cmax, TINY)
-    if drop:
-      inv = jnp.where(n2 > floor, jax.lax.rsqrt(jnp.maximum(n2, floor)), 0.0)
-    else:
-      inv = jnp.where(cmax > TINY, jax.lax.rsqrt(jnp.maximum(n2, floor)), 0.0)
+    ok = n2 > floor
+    inv = jnp.where(ok, jax.lax.rsqrt(jnp.maximum(n2, floor)), 0.0)
+    if not drop:  # kept unnormalised here; scaled to unit Euclidean norm below
+      t_low = jnp.where(cols == j, jnp.where(ok, 0.0, v)[:, None], t_low)
+      low = jnp.where(ids == j, jnp.where(ok, 0.0, 1.0), low)
     t = jnp.where(cols == j, (v * inv)[:, None], t)
     ct = jnp.where(cols == j, (cv * inv)[:, None], ct)
-    return t, ct
+    return t, ct, t_low, low
 
   zero = jnp.zeros((r, r), jnp.float32)
-  t, _ = jax.lax.fori_loop(0, r, body, (zero, zero))
+  t, _, t_low, low = jax.lax.fori_loop(0, r, body, (zero, zero, zero,
+                                                    jnp.zeros((r,), jnp.float32)))
+  if drop:
+    return _dot(w, t), _dot(p, t)
+  # Columns below the floor: w t_j with unit Euclidean norm (metric norm ~0).
+  w_low = _dot(w, t_low)
+  norm2 = jnp.sum(w_low * w_low, axis=0)
+  scale = jnp.where((low > 0) & (norm2 > TINY), jax.lax.rsqrt(jnp.maximum(norm2, TINY)), 0.0)
+  t = t + t_low * scale[None, :]
   return _dot(w, t), _dot(p, t)
 
 
