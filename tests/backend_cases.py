@@ -183,13 +183,13 @@ class BackendTestBase:
   def test_rows_with_no_key_are_zero_with_zero_gradient(self):
     q, k, v = qkv(9, self.batch, 40, 30, 2, 2, 32, 32, self.dtype)
     # Rows 30.. are padding (lengths) or in a segment without keys; batch 1 has no key.
-    # (masks, [(group_size, block_q), ...]): every layout once with segment ids.
+    # (masks, [(group_size, block_q), ...]): every Triton layout once.
     variants = [(dict(query_seq_lengths=jnp.array([30, 30][:self.batch]),
                       key_value_seq_lengths=jnp.array([30, 0][:self.batch])), [(2, 16)])]
     if self.supports_segment_ids:
       q_seg = jnp.zeros((self.batch, 40), jnp.int32).at[:, 30:].set(7)  # 7: no keys
       variants.append((dict(segment_ids=(q_seg, jnp.zeros((self.batch, 30), jnp.int32))),
-                       [(1, 16), (2, 16), (2, 256)]))
+                       [(1, 16), (2, 256)]))
     else:
       variants[0][1].extend([(1, 16), (2, 256)])
     for masks, settings in variants:
