@@ -53,12 +53,13 @@ def points(speed, pretrained, n=16384, d=128):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--speed-json", default=None, help="default: the latest speed-*-d128-<date>.json")
-  p.add_argument("--pretrained-json", default=None, help="default: the latest pretrained-*.json")
+  p.add_argument("--pretrained-json", default=None,
+                 help="default: the latest pretrained-minilm-<date>.json (the full table)")
   p.add_argument("--out-dir", default=RESULTS)
   args = p.parse_args(argv)
   with open(args.speed_json or _latest("speed-*-d128-20*.json")) as f:
     speed = json.load(f)
-  with open(args.pretrained_json or _latest("pretrained-*.json")) as f:
+  with open(args.pretrained_json or _latest("pretrained-minilm-20*.json")) as f:
     pretrained = json.load(f)
   pts = points(speed, pretrained)
   import matplotlib  # pylint: disable=import-outside-toplevel
