@@ -492,12 +492,12 @@ _ON_GPU = jax.default_backend() == "gpu"
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("implementation", ["cudnn", "triton", "xla"])
+@pytest.mark.parametrize("implementation", ["cudnn", "triton", "xla", "mosaic"])
 @pytest.mark.parametrize("per_kv_head", [True, False])
 def test_gpu_parity(implementation, per_kv_head):
   """bf16 through each backend on a GPU (cuDNN narrow: one block, d/G % 8 == 0; Triton
-  "blocks"), against the float32 reference with the same maps, and the kernel's maps
-  against the exact optimum."""
+  "blocks"; Mosaic, which takes no sequence lengths), against the float32 reference with
+  the same maps, and the kernel's maps against the exact optimum."""
   rng = np.random.default_rng(31)
   q, k = _structured(rng, 2, 512, 4, 64, kv_heads=2)
   v = jnp.asarray(rng.standard_normal((2, 512, 2, 64)), jnp.float32)
@@ -505,6 +505,8 @@ def test_gpu_parity(implementation, per_kv_head):
   kw = dict(group_size=4, block_q=512, grouping="lowrank", is_causal=True,
             lowrank_per_kv_head=per_kv_head,
             query_seq_lengths=jnp.array([512, 300]), key_value_seq_lengths=jnp.array([512, 200]))
+  if implementation == "mosaic":
+    del kw["query_seq_lengths"], kw["key_value_seq_lengths"]
   out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, implementation=implementation,
                                                    **kw))(q16, k16, v16)
   qv, kv = _valid(kw, 512, 512)

@@ -74,8 +74,10 @@ def metric_orth(w, p, tol, *, drop=True):
   ids = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
 
   def body(j, carry):
-    t, ct, t_low, low = carry  # columns < j: the orthonormal combinations so far, C t,
-    # and the unnormalised combinations of columns below the floor (flagged in `low`)
+    t, ct, t_low, margin = carry  # columns < j: the orthonormal combinations so far, C t,
+    # every column's unnormalised combination, and its squared norm minus the floor
+    # (<= 0: below the floor). Only float selects with computed values: a select of
+    # constants on a scalar predicate (`where(ok, 0., 1.)`) broke Triton's verifier.
     coeff = jnp.sum(jnp.where(rows == j, ct, 0.0), axis=0)  # <t_i, e_j>_C = (C t_i)[j]
     v = jnp.where(ids == j, 1.0, 0.0) - jnp.sum(t * coeff[None, :], axis=1)
     cv = _column(c, j, cols) - jnp.sum(ct * coeff[None, :], axis=1)
@@ -84,21 +86,23 @@ def metric_orth(w, p, tol, *, drop=True):
     ok = n2 > floor
     inv = jnp.where(ok, jax.lax.rsqrt(jnp.maximum(n2, floor)), 0.0)
     if not drop:  # kept unnormalised here; scaled to unit Euclidean norm below
-      t_low = jnp.where(cols == j, jnp.where(ok, 0.0, v)[:, None], t_low)
-      low = jnp.where(ids == j, jnp.where(ok, 0.0, 1.0), low)
+      t_low = jnp.where(cols == j, v[:, None], t_low)
+      margin = jnp.where(ids == j, n2 - floor, margin)
     t = jnp.where(cols == j, (v * inv)[:, None], t)
     ct = jnp.where(cols == j, (cv * inv)[:, None], ct)
-    return t, ct, t_low, low
+    return t, ct, t_low, margin
 
   zero = jnp.zeros((r, r), jnp.float32)
-  t, _, t_low, low = jax.lax.fori_loop(0, r, body, (zero, zero, zero,
-                                                    jnp.zeros((r,), jnp.float32)))
+  t, _, t_low, margin = jax.lax.fori_loop(0, r, body, (zero, zero, zero,
+                                                       jnp.zeros((r,), jnp.float32)))
   if drop:
     return _dot(w, t), _dot(p, t)
-  # Columns below the floor: w t_j with unit Euclidean norm (metric norm ~0).
+  # Columns below the floor (margin <= 0): w t_j with unit Euclidean norm (metric norm
+  # ~0); the columns above it are already in t (their scale here is 0).
   w_low = _dot(w, t_low)
   norm2 = jnp.sum(w_low * w_low, axis=0)
-  scale = jnp.where((low > 0) & (norm2 > TINY), jax.lax.rsqrt(jnp.maximum(norm2, TINY)), 0.0)
+  scale = jnp.where((margin <= 0) & (norm2 > TINY),
+                    jax.lax.rsqrt(jnp.maximum(norm2, TINY)), 0.0)
   t = t + t_low * scale[None, :]
   return _dot(w, t), _dot(p, t)
 
@@ -140,9 +144,11 @@ def start_subspace(d: int, r: int) -> np.ndarray:
 
 
 def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps):
-  gq = gq_ref[...]
-  gk = gk_ref[...]
-  a, b = factor_pair(lambda x: _dot(gq, x), lambda x: _dot(gk, x), z0_ref[...], steps=steps)
+  # The Grams are read at every product (from L2) rather than held: two d x d float32
+  # values live through the whole program spilled at d=128 (H100, 2026-11-25: a 124 s
+  # compile and 4.1 ms per call for B=1, H=16, N=16384, G=4).
+  a, b = factor_pair(lambda x: _dot(gq_ref[...], x), lambda x: _dot(gk_ref[...], x),
+                     z0_ref[...], steps=steps)
   a_ref[...] = a
   b_ref[...] = b
 
@@ -150,7 +156,7 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps):
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "kv_group", "num_warps",
                                              "interpret"))
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 4, kv_group: int = 1,
-                        num_warps: int = 4, interpret: bool = False):
+                        num_warps: int = 8, interpret: bool = False):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
 
   Args:
@@ -158,6 +164,9 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 4, kv_group: int = 1,
       program i using key Gram `i // kv_group` (so a key Gram shared by the blocks and
       query heads of one kv head is read, not copied). d a power of two >= 16.
     rank: r; padded to 16 inside (Triton dots need 16), the extra columns drop out.
+    num_warps: 8 by measurement (H100, 2026-11-25, B=1, H=16, d=64, G=4, 4 steps: 0.107
+      ms for the 16 programs at 8 warps, 0.133 at 4, 0.346 at 1; the programs are
+      latency-bound: r sequential Gram-Schmidt steps per orthonormalisation).
   """
   m, d, _ = gq.shape
   width = max(16, rank)
