@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from distrattention_jax import lowrank
 from distrattention_jax import lsh
+from distrattention_jax import prep
 
 # ----------------------------------------------------------------------------------------
 # Permutation groupings
@@ -118,19 +119,14 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
   values given as float32 may break an exact near-tie the other way. Returns int32
   `[batch, heads, nb, d]`.
   """
-  query = jax.lax.stop_gradient(query)
-  if query.dtype not in (jnp.bfloat16, jnp.float16):
-    query = query.astype(jnp.float32)  # half-precision products are exact in float32
-  batch, _, heads, d = query.shape
-  blocks = lsh.query_blocks(query, block_q, query_valid)   # [B, nb, rows, H, d]
-  num_blocks = blocks.shape[1]
+  batch, q_len, heads, d = query.shape
   if group_size == 1:
+    num_blocks = -(-q_len // block_q)
     return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (batch, heads, num_blocks, d))
-  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks,
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)     # [B, H, nb, d, d]
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
+  gram = prep.head_grams(query, block_q, query_valid)        # [B, H, nb, d, d]
+  num_blocks = gram.shape[2]
   if use_kernel:
     from pallas_kernels.triton import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
     flat = greedy_kernel.greedy_groups(gram.reshape(-1, d, d), group_size,

@@ -50,23 +50,17 @@ import jax
 import jax.numpy as jnp
 
 from distrattention_jax import lsh
+from distrattention_jax import prep
 
 METHODS = ("auto", "exact", "iter")
 DROP_RATIO = 1e-4   # singular values below this fraction of the largest are dropped
 DEFAULT_STEPS = 4   # subspace iterations of method="iter"
 
 
-def _hi(x):
-  """float32 for the Grams: bf16/f16 products are exact in float32 (tensor cores)."""
-  return x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
-
-
 def query_grams(query, block_q, query_valid=None, *, kv_heads=None):
   """`Q_b^T Q_b` per block: float32 `[B, H, nb, d, d]` (`[B, Hkv, nb, d, d]`, the query
-  heads of each kv head summed, when `kv_heads` is given). Padding rows are zeroed."""
-  blocks = lsh.query_blocks(_hi(jax.lax.stop_gradient(query)), block_q, query_valid)
-  gram = jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+  heads of each kv head summed, when `kv_heads` is given). Padding rows are left out."""
+  gram = prep.head_grams(query, block_q, query_valid)
   if kv_heads is not None:
     batch, heads, nb, d, _ = gram.shape
     gram = gram.reshape(batch, kv_heads, heads // kv_heads, nb, d, d).sum(2)
@@ -75,11 +69,7 @@ def query_grams(query, block_q, query_valid=None, *, kv_heads=None):
 
 def key_grams(key, key_valid=None):
   """`K^T K` over the real keys: float32 `[B, Hkv, d, d]`."""
-  key = _hi(jax.lax.stop_gradient(key))
-  if key_valid is not None:
-    key = jnp.where(key_valid[:, :, None, None], key, 0)
-  return jnp.einsum("bshc,bshe->bhce", key, key, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+  return prep.head_grams(key, max(key.shape[1], 1), key_valid)[:, :, 0]
 
 
 def _psd_root(gram):

@@ -47,3 +47,11 @@ def test_tradeoff_plot_from_committed_results(tmp_path):
   (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
   pts = json.load(open(tmp_path / path))["points"]
   assert pts and all(0.5 < p["speedup"] < 2 and 0 < p["cosine_greedy"] <= 1 for p in pts)
+
+
+def test_prep_cost_quick(tmp_path):
+  from benchmarks import prep_cost
+  prep_cost.main(["--quick", "--out-dir", str(tmp_path)])
+  (path,) = os.listdir(tmp_path)
+  (row,) = json.load(open(tmp_path / path))["rows"]
+  assert row["G4_lowrank_prepass_ms"] > 0 and row["grams_qk_ms"] > 0
