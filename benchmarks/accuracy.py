@@ -119,7 +119,7 @@ def main(argv=None):
   groups_g, blocks, reps = (args.groups, args.blocks or [16, 32, 64, 128, args.n],
                             args.representatives)
   if args.quick:
-    groups_g, blocks, reps, args.n = [2, 4], [16, 128], ["mean"], 128
+    groups_g, blocks, reps, args.n = [2, 4], [16], ["mean"], 128
   datasets = {"gaussian": synthetic("gaussian", args.n, 4, 64),
               "structured": synthetic("structured", args.n, 4, 64)}
   if not args.quick:
@@ -199,6 +199,7 @@ def vit_swap(train_vit, ckpt, vit_dir, quick, groupings=("lsh", "greedy", "rando
     swapped = train_vit.main(common + ["--epochs", "1", "--lr", "0", "--max-steps", "1",
                                        "--out-dir", os.path.join(vit_dir, f"swap-{g}-{bq}-{gr}")])
     tuned = train_vit.main(common + ["--epochs", "1" if quick else "3", "--lr", "5e-4",
+                                     *(["--max-steps", "10"] if quick else []),
                                      "--out-dir", os.path.join(vit_dir, f"tune-{g}-{bq}-{gr}")])
     results.append({"G": g, "block_q": bq, "grouping": gr,
                     "swapped_accuracy": swapped["runs"][0]["final_test_accuracy"],
