@@ -6,10 +6,16 @@ the same and no shape costs a compile to draw.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+
+# pytest runs several workers (addopts "-n 2"; the GPU scripts more): on a GPU each would
+# otherwise preallocate 75% of its memory. Set before JAX starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
