@@ -2,7 +2,8 @@
 
     python -m benchmarks.tradeoff
 
-x: forward+backward speed-up over cuDNN (GPU speed JSON, d=128, N=16384, non-causal);
+x: forward+backward speed-up over cuDNN (GPU speed JSON, d=128, N=16384, non-causal; the
+cuDNN path from the speed JSON, our Mosaic kernels from their end-to-end runs);
 y: embedding cosine of the pretrained model with DistrAttention swapped in
 (`benchmarks.pretrained` JSON). Each point is one (G, grouping block) setting: speed at
 block_q=64 and with one grouping per sequence, accuracy at block_q=64 and 128 (one
@@ -50,11 +51,51 @@ def points(speed, pretrained, n=16384, d=128):
   return out
 
 
+def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128):
+  """The Mosaic path, one grouping per sequence: greedy from the end-to-end speed run
+  (`speed-mosaic-e2e-*.json`), lowrank from `prep-cost-*-lowrank-d128.json` (each ratio to
+  the cuDNN time of its own run)."""
+  cos = {(r["G"], r["block_q"], r["grouping"]): r["mean_cos"] for r in pretrained["rows"]
+         if r["representative"] == "mean"}
+  whole = max(r["block_q"] for r in pretrained["rows"])
+  out = []
+  if mosaic_speed is not None:
+    ms = {r["impl"]: r["ms"] for r in mosaic_speed["rows"] if r["n"] == n and r["d"] == d
+          and not r["causal"] and r["mode"] == "fwdbwd" and r["ms"]}
+    for g in (2, 4, 8):
+      impl = f"mosaic-distr G={g} bq=N"
+      if impl in ms and "cudnn" in ms and (g, whole, "greedy") in cos:
+        out.append({"label": f"mosaic G={g} greedy", "G": g, "grouping": "greedy",
+                    "speedup": ms["cudnn"] / ms[impl], "cosine": cos[(g, whole, "greedy")]})
+  if lowrank_cost is not None:
+    for row in lowrank_cost["rows"]:
+      for g in (2, 4, 8):
+        key = f"G{g}_lowrank_e2e_fwd_bwd_ms"
+        if row.get("d") == d and row.get("n") == n and key in row and (
+            g, whole, "lowrank") in cos:
+          out.append({"label": f"mosaic G={g} lowrank", "G": g, "grouping": "lowrank",
+                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key],
+                      "cosine": cos[(g, whole, "lowrank")]})
+  return out
+
+
+def _optional(path, pattern):
+  try:
+    with open(path or _latest(pattern)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--speed-json", default=None, help="default: the latest speed-*-d128-<date>.json")
   p.add_argument("--pretrained-json", default=None,
                  help="default: the latest pretrained-minilm-<date>.json (the full table)")
+  p.add_argument("--mosaic-speed-json", default=None,
+                 help="default: the latest speed-mosaic-e2e-*.json (greedy on our kernels)")
+  p.add_argument("--lowrank-cost-json", default=None,
+                 help="default: the latest prep-cost-*-lowrank-d128.json (lowrank on them)")
   p.add_argument("--out-dir", default=RESULTS)
   args = p.parse_args(argv)
   with open(args.speed_json or _latest("speed-*-d128-20*.json")) as f:
@@ -62,6 +103,9 @@ def main(argv=None):
   with open(args.pretrained_json or _latest("pretrained-minilm-20*.json")) as f:
     pretrained = json.load(f)
   pts = points(speed, pretrained)
+  mosaic = mosaic_points(_optional(args.mosaic_speed_json, "speed-mosaic-e2e-*-20*.json"),
+                         _optional(args.lowrank_cost_json, "prep-cost-*-lowrank-d128.json"),
+                         pretrained)
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -74,19 +118,30 @@ def main(argv=None):
       if q[key] is not None and name == "greedy":
         ax.annotate(q["label"], (q["speedup"], q[key]), fontsize=7,
                     xytext=(4, -10), textcoords="offset points")
+  for grouping, marker in (("greedy", "s"), ("lowrank", "D")):
+    sel = [q for q in mosaic if q["grouping"] == grouping]
+    if sel:
+      ax.scatter([q["speedup"] for q in sel], [q["cosine"] for q in sel], marker=marker,
+                 label=f"{grouping}, our Mosaic kernels")
+      for q in sel:
+        ax.annotate(q["label"], (q["speedup"], q["cosine"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
   ax.scatter([1.0], [1.0], marker="*", s=80, color="k", label="exact cuDNN")
   ax.axvline(1.0, color="k", lw=0.5)
   ax.margins(x=0.35, y=0.08)
   ax.set(xlabel=f"fwd+bwd speed-up over cuDNN ({speed['device']}, d=128, N=16384)",
          ylabel="embedding cosine vs exact (all-MiniLM-L6-v2)",
-         title="DistrAttention: speed vs accuracy (cuDNN path)")
+         title="DistrAttention: speed vs accuracy (cuDNN path and Mosaic kernels)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   day = datetime.date.today().isoformat()
   png = os.path.join(args.out_dir, f"tradeoff-{day}.png")
   os.makedirs(args.out_dir, exist_ok=True)
   fig.savefig(png, dpi=110)
-  timing.write_json(os.path.join(args.out_dir, f"tradeoff-{day}.json"), {"points": pts})
+  timing.write_json(os.path.join(args.out_dir, f"tradeoff-{day}.json"),
+                    {"points": pts, "mosaic_points": mosaic})
+  for q in mosaic:
+    print(f"{q['label']:36s} speed-up {q['speedup']:.2f}  cosine {q['cosine']:.3f}")
   for q in pts:
     print(f"{q['label']:36s} speed-up {q['speedup']:.2f}  cosine greedy {q['cosine_greedy']:.3f}"
           f"  lsh {q['cosine_lsh'] if q['cosine_lsh'] is None else round(q['cosine_lsh'], 3)}")
