@@ -20,6 +20,38 @@ import pytest  # noqa: E402
 ON_GPU = jax.default_backend() == "gpu"
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
+# Triton modules run through MLIR's verifier as they are lowered (count in [0]).
+TRITON_MODULES_VERIFIED = [0]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def verify_triton_modules():
+  """Runs MLIR's verifier on every Triton module a Pallas kernel lowers to.
+
+  JAX's Pallas Triton lowering serialises the module without verifying it; the GPU's
+  compiler verifies it first thing. So the CUDA lowering tests on an abstract H100 (no
+  GPU) accepted a lowrank kernel whose `arith.select` mixed i1 and f32 operands, and
+  every GPU call of it failed (2026-11-25). Verifying here catches that class of bug on
+  a CPU. Wraps a JAX-internal function; where it moves, nothing is wrapped and the
+  lowering tests say so (test_triton_lowering.py).
+  """
+  try:
+    from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=import-outside-toplevel
+    original = registration.lowering.lower_jaxpr_to_triton_module
+  except (ImportError, AttributeError):
+    yield
+    return
+
+  def verified(*args, **kwargs):
+    result = original(*args, **kwargs)
+    result.module.operation.verify()  # raises MLIRError naming the offending op
+    TRITON_MODULES_VERIFIED[0] += 1
+    return result
+
+  registration.lowering.lower_jaxpr_to_triton_module = verified
+  yield
+  registration.lowering.lower_jaxpr_to_triton_module = original
+
 # allclose tolerances of a backend's output against the float32 reference, per dtype.
 TOLS = {
     jnp.float32: dict(atol=2e-5, rtol=2e-5),

@@ -88,3 +88,20 @@ def test_greedy_grouping_kernel_lowers_for_cuda(d, group_size):
           jax.ShapeDtypeStruct((10, d, d), jnp.float32)).lower(
               lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_lowered_triton_modules_are_verified():
+  """The conftest fixture runs MLIR's verifier on each lowered Triton module (it is what
+  catches invalid ops without a GPU; lowering alone does not)."""
+  import conftest  # pylint: disable=import-outside-toplevel
+  before = conftest.TRITON_MODULES_VERIFIED[0]
+  args = jax.ShapeDtypeStruct((3, 48, 48), jnp.float32)  # a shape no other test lowers
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+    with jax.sharding.use_abstract_mesh(mesh):
+      jax.jit(lambda g: greedy.greedy_groups(g, 4)).trace(args).lower(
+          lowering_platforms=("cuda",))
+  assert conftest.TRITON_MODULES_VERIFIED[0] > before, (
+      "no Triton module was verified: JAX's Pallas Triton lowering moved "
+      "(update verify_triton_modules in tests/conftest.py)")
