@@ -19,6 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distrattention_jax as dj  # noqa: E402
 
 
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+
+
+def inputs(batch=4, length=40, heads=4, kv_heads=2, d=32):
+  """Fresh Gaussian float32 q `[B, T, H, d]`, k and v `[B, T, Hkv, d]` (seed 0)."""
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.standard_normal((batch, length, heads, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32))
+
+
 def main():
   assert jax.device_count() == 4, jax.devices()
   for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
@@ -27,11 +38,8 @@ def main():
 
 
 def check(mesh):
-  rng = np.random.default_rng(0)
-  batch, length, heads, kv_heads, d = 4, 40, 4, 2, 32
-  q = jnp.asarray(rng.standard_normal((batch, length, heads, d)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32)
+  q, k, v = inputs()
+  batch, length = q.shape[:2]
   seg = jnp.asarray((np.arange(length)[None] >= 25).repeat(batch, 0), jnp.int32)
   lengths = jnp.array([40, 30, 20, 10])
   refs = {}  # the unsharded results per implementation (the same for every spec)
@@ -60,7 +68,7 @@ def check(mesh):
       for a, b in zip(grads, ref_grads):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
       hlo = sharded.as_text()
-      for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+      for collective in COLLECTIVES:
         assert collective not in hlo, (spec, impl, collective)
       print(f"ok {mesh.axis_types[0]} spec={spec} impl={impl}", flush=True)
   # Sequence sharding is refused with a clear error.

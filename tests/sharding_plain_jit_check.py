@@ -11,17 +11,17 @@ it through the same per-shard path as `sharding=`.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Sets XLA_FLAGS (4 fake devices) before JAX starts, and puts the repository on the path.
+from sharding_check import COLLECTIVES, inputs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distrattention_jax as dj  # noqa: E402
 
-COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
 REFS = {}  # unsharded results per (grouping, G, implementation[, "grad"])
 
 
@@ -33,11 +33,7 @@ def main():
 
 
 def check(mesh):
-  rng = np.random.default_rng(0)
-  batch, length, heads, kv_heads, d = 4, 40, 4, 2, 32
-  q = jnp.asarray(rng.standard_normal((batch, length, heads, d)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((batch, length, kv_heads, d)), jnp.float32)
+  q, k, v = inputs()
   explicit = mesh.axis_types[0] == jax.sharding.AxisType.Explicit
   specs = [P("data", None, "model"), P(("data", "model"))]
   if not explicit:
