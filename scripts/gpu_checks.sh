@@ -4,7 +4,9 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|prep|all]
+# Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
+# prints its whole module, which would fill a device call's output).
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 what="${1:-all}"
@@ -12,14 +14,27 @@ export PYTHONUNBUFFERED=1
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # pytest-xdist (on the GPU image) compiles in parallel: the whole suite took 482 s with
   # 6 workers on an H100 (2026-11-25); the Mosaic compiles dominate.
-  workers=$(python -c "import xdist" 2>/dev/null && echo "-n 6" || echo "")
+  workers=$(python -c "import xdist" 2>/dev/null && echo "-n 6" || echo "-o addopts=")
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python -m pytest -q -m gpu $workers \
-    -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -15
+    -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+  grep -E "passed|failed|^FAILED|^ERROR" "$out/gpu-tests.log" | cut -c1-200 | tail -40
 fi
 if [ "$what" = grouping ] || [ "$what" = all ]; then
   timeout 240 python -m benchmarks.grouping_cost --d 128 64 --block-q 16 64 1024 0 \
     --out-dir "$out" 2>&1 | grep -v Warn | tail -26
 fi
 if [ "$what" = lowrank ] || [ "$what" = all ]; then
-  timeout 170 python -m benchmarks.lowrank_cost --out-dir "$out" 2>&1 | grep -v Warn | tail -30
+  timeout 170 python -m benchmarks.lowrank_cost --out-dir "$out" > "$out/lowrank-cost.log" 2>&1
+  grep -v Warn "$out/lowrank-cost.log" | cut -c1-300 | tail -30
+fi
+if [ "$what" = prep ]; then
+  # Kernel alone vs end to end (greedy, lowrank) against cuDNN, one timing method; each
+  # part keeps what it measured when its timeout cuts it (the JSON is rewritten per number).
+  timeout 270 python -m benchmarks.prep_cost --d 128 --causal 0 1 --out-dir "$out" \
+    > "$out/prep-d128.log" 2>&1
+  timeout 100 python -m benchmarks.prep_cost --d 256 --what e2e --out-dir "$out" \
+    > "$out/prep-d256.log" 2>&1
+  timeout 100 python -m benchmarks.prep_cost --d 64 --what lowrank,e2e --out-dir "$out" \
+    > "$out/prep-d64.log" 2>&1
+  grep -h "^d=" "$out"/prep-d*.log
 fi
