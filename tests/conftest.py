@@ -7,6 +7,7 @@ the same and no shape costs a compile to draw.
 from __future__ import annotations
 
 import os
+import warnings
 
 # pytest runs several workers (addopts "-n 2"; the GPU scripts more): on a GPU each would
 # otherwise preallocate 75% of its memory. Set before JAX starts.
@@ -19,6 +20,22 @@ import pytest  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="cuda")
+
+
+def lower_for_h100(fn, *args) -> str:
+  """StableHLO text of `jax.jit(fn)` lowered for CUDA on an abstract H100, on any machine.
+
+  Catches unimplemented primitives, bad block shapes and (with `verify_triton_modules`)
+  invalid Triton ops; not Mosaic/Triton compile errors or wrong results (the GPU tests).
+  """
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
 
 # Triton modules run through MLIR's verifier as they are lowered (count in [0]).
 TRITON_MODULES_VERIFIED = [0]

@@ -6,7 +6,6 @@ tests/test_mosaic_gpu.py.
 
 import dataclasses
 import functools
-import warnings
 from unittest import mock
 
 import jax
@@ -21,11 +20,7 @@ from distrattention_jax.backends import base
 from distrattention_jax.backends import mosaic as mosaic_backend
 
 from backend_cases import BackendTestBase
-from conftest import qkv, rel_error, requires_gpu
-
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="cuda")
-
+from conftest import lower_for_h100, qkv, rel_error, requires_gpu
 
 def _problem(d=128, dv=128, group_size=4, block_q=1024, dtype=jnp.bfloat16, **masks):
   q = jax.ShapeDtypeStruct((1, 1000, 4, d), dtype)
@@ -91,11 +86,7 @@ def test_lowers_for_cuda_on_cpu(group_size, block_q, causal):
           jax.ShapeDtypeStruct((1, q_len, 2, d), jnp.bfloat16),
           jax.ShapeDtypeStruct((1, q_len, 2, d), jnp.bfloat16),
           jax.ShapeDtypeStruct((1, 4, num_blocks, d), jnp.int32)]
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
-    warnings.simplefilter("ignore")
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *args)
   assert "@mosaic_gpu" in text
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lower_for_h100
 import distrattention_jax as dj
 from distrattention_jax import lowrank
 from distrattention_jax import reference
@@ -312,17 +313,9 @@ def test_projections_match_reference_scores():
 def test_kernel_lowers_for_cuda(d, rank):
   """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
   primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
-  import warnings  # pylint: disable=import-outside-toplevel
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                     platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
-  gram = jax.ShapeDtypeStruct((4, d, d), jnp.float32)
   fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2)
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-    with jax.sharding.use_abstract_mesh(mesh):
-      text = jax.jit(fn).trace(gram, jax.ShapeDtypeStruct((2, d, d), jnp.float32)).lower(
-          lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(fn, jax.ShapeDtypeStruct((4, d, d), jnp.float32),
+                        jax.ShapeDtypeStruct((2, d, d), jnp.float32))
   assert "distr_lowrank_factor" in text
 
 

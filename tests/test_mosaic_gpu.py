@@ -6,7 +6,6 @@ Run the GPU part on an H100/H200:  PYTHONPATH=. python -m pytest -q -m gpu tests
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import pytest
 
 from pallas_kernels.mosaic_gpu import attention as mosaic
 from pallas_kernels.mosaic_gpu import tiles as mosaic_tiles
-from conftest import rel_error, requires_gpu
+from conftest import lower_for_h100, rel_error, requires_gpu
 
 
 def reference(q, k, v, causal, q_offset=0):
@@ -191,9 +190,6 @@ def test_tiles_are_validated():
 
 # --- CPU: Mosaic GPU kernels lower for CUDA on an abstract H100 (no GPU needed) --------
 
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="cuda")
-
 # Every (r, dv) the tile table is used for (d=64/128/256 at G=1/2/4/8).
 SHIPPED = [(128, 128), (64, 128), (32, 128), (16, 128), (64, 64), (32, 64), (16, 64),
            (128, 256), (64, 256), (32, 256)]
@@ -209,11 +205,7 @@ def test_lowers_for_cuda_on_cpu(r, dv):
   def loss(q, k, v):
     return jnp.sum(mosaic.attention(q, k, v, causal=causal).astype(jnp.float32))
 
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
-    warnings.simplefilter("ignore")
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *args)
   # Forward, then dQ and dK/dV kernels, or one fused backward kernel.
   fused = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16).fused_bwd
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if fused else 3)
@@ -229,11 +221,7 @@ def test_blocked_lowers_for_cuda_on_cpu(causal):
     out = mosaic.attention_blocked(q, k, v, group_block_q=256, causal=causal)
     return jnp.sum(out.astype(jnp.float32))
 
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
-    warnings.simplefilter("ignore")
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *args)
   # A forward and a fused backward kernel per distinct block call: non-causal, the three
   # full blocks share one jitted function and the short last block has its own; causal,
   # every block has its own query offset.
@@ -247,9 +235,6 @@ def test_overlap_variant_lowers_for_cuda_on_cpu(causal):
   args = (jax.ShapeDtypeStruct((1, 1000, 4, 32), jnp.bfloat16),
           jax.ShapeDtypeStruct((1, 900, 2, 32), jnp.bfloat16),
           jax.ShapeDtypeStruct((1, 900, 2, 128), jnp.bfloat16))
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
-    warnings.simplefilter("ignore")
-    text = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, causal=causal, tiles=tiles)).trace(
-        *args).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=causal, tiles=tiles),
+                        *args)
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

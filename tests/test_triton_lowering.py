@@ -1,23 +1,20 @@
 """Every kernel configuration we ship lowers for CUDA, on a CPU (abstract H100).
 
-Catches unimplemented primitives, non-power-of-two blocks and bad gather shapes without
-a GPU; it cannot catch Triton compile errors or wrong results (the GPU tests do).
+Catches unimplemented primitives, non-power-of-two blocks, bad gather shapes and (through
+conftest's verifier) invalid Triton ops without a GPU; it cannot catch Triton compile
+errors or wrong results (the GPU tests do).
 """
-
-import warnings
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import TRITON_MODULES_VERIFIED, lower_for_h100
 from distrattention_jax import config
 from distrattention_jax import grouping
 from distrattention_jax.backends import triton as triton_backend
 from pallas_kernels.triton import greedy
 from pallas_kernels.triton import tiles
-
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="cuda")
 
 
 def _lower_grad(q_shape, kv_shape, dtype, group_size, block_q, causal, segments):
@@ -37,13 +34,7 @@ def _lower_grad(q_shape, kv_shape, dtype, group_size, block_q, causal, segments)
   args = (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(kv_shape, dtype),
           jax.ShapeDtypeStruct(kv_shape, dtype),
           jax.ShapeDtypeStruct((batch, heads, -(-q_len // block_q), d), jnp.int32))
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-    with jax.sharding.use_abstract_mesh(mesh):
-      lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-          lowering_platforms=("cuda",))
-  return lowered.as_text()
+  return lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *args)
 
 
 # Every table entry (d and G that give its widths), the gather path, f32/f16, masks.
@@ -80,28 +71,17 @@ def test_table_entries_are_powers_of_two():
 
 @pytest.mark.parametrize("d,group_size", [(64, 4), (128, 2), (128, 4), (96, 8), (256, 4)])
 def test_greedy_grouping_kernel_lowers_for_cuda(d, group_size):
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-    with jax.sharding.use_abstract_mesh(mesh):
-      text = jax.jit(lambda g: greedy.greedy_groups(g, group_size)).trace(
-          jax.ShapeDtypeStruct((10, d, d), jnp.float32)).lower(
-              lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(lambda g: greedy.greedy_groups(g, group_size),
+                        jax.ShapeDtypeStruct((10, d, d), jnp.float32))
   assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_lowered_triton_modules_are_verified():
   """The conftest fixture runs MLIR's verifier on each lowered Triton module (it is what
   catches invalid ops without a GPU; lowering alone does not)."""
-  import conftest  # pylint: disable=import-outside-toplevel
-  before = conftest.TRITON_MODULES_VERIFIED[0]
-  args = jax.ShapeDtypeStruct((3, 48, 48), jnp.float32)  # a shape no other test lowers
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-    with jax.sharding.use_abstract_mesh(mesh):
-      jax.jit(lambda g: greedy.greedy_groups(g, 4)).trace(args).lower(
-          lowering_platforms=("cuda",))
-  assert conftest.TRITON_MODULES_VERIFIED[0] > before, (
+  before = TRITON_MODULES_VERIFIED[0]
+  lower_for_h100(lambda g: greedy.greedy_groups(g, 4),
+                 jax.ShapeDtypeStruct((3, 48, 48), jnp.float32))  # a shape no other test lowers
+  assert TRITON_MODULES_VERIFIED[0] > before, (
       "no Triton module was verified: JAX's Pallas Triton lowering moved "
       "(update verify_triton_modules in tests/conftest.py)")
