@@ -1,4 +1,4 @@
-"""Run by tests/test_sharding_plain_jit.py in a fresh process with 4 fake CPU devices.
+"""Run by tests/test_sharding.py in a fresh process with 4 fake CPU devices.
 
 Inputs sharded over batch/heads by `jax.device_put`, then plain `jax.jit` with no
 `sharding=` argument: the XLA path (every grouping) must partition without moving
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Sets XLA_FLAGS (4 fake devices) before JAX starts, and puts the repository on the path.
-from sharding_check import COLLECTIVES, inputs  # noqa: E402
+from sharding_check import COLLECTIVES, inputs, meshes  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,9 +26,8 @@ REFS = {}  # unsharded results per (grouping, G, implementation[, "grad"])
 
 
 def main():
-  assert jax.device_count() == 4, jax.devices()
-  for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
-    check(jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type)))
+  for mesh in meshes():
+    check(mesh)
   print("PLAIN JIT SHARDING OK")
 
 
