@@ -125,7 +125,6 @@ def main(argv=None):
           row["prepass"] = measure(prepass_fn(args.n, g, block_q, use_kernel=use_kernel,
                                               steps=steps), sets, args.quick)
           if block_q == args.n and steps == args.steps[0] and impl == "kernel":
-            nb = 1
             grams = jax.jit(lambda q, k, v: (lowrank.query_grams(q, args.n),
                                               lowrank.key_grams(k)))
             row["grams"] = measure(grams, sets, args.quick)
@@ -146,14 +145,13 @@ def main(argv=None):
                       ker, [(gq.reshape(-1, d, d), gk.reshape(-1, d, d))], args.quick)
                 except Exception as e:  # noqa: BLE001
                   row[f"factor_warps{warps}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            proj = jax.jit(lambda q, k, v: (lowrank.project_query(q, qm, args.n),
-                                             lowrank.project_key(k, km)))
+            reduction = grouping.HeadReduction.from_maps(qm, km, block_q=args.n)
+            proj = jax.jit(lambda q, k, v: (reduction.q_rep(q), reduction.k_fused(k)))
             row["projections"] = measure(proj, sets, args.quick)
-            del nb
           row["fraction_pipelined"] = row["prepass"]["pipelined_ms"] / ref["pipelined_ms"]
           row["fraction_sync"] = row["prepass"]["sync_ms"] / ref["sync_ms"]
           parts = " ".join(f"{k} {row[k].get('pipelined_ms', float('nan')):.3f}" for k in
-                           ("grams", "factor", "factor_warps1", "factor_warps8",
+                           ("grams", "factor", "factor_warps1", "factor_warps4",
                             "projections") if k in row)
           print(f"d={d} G={g} {impl} steps={steps} block_q={block_q}: pre-pass "
                 f"{row['prepass']['sync_ms']:.3f} ms sync / {row['prepass']['pipelined_ms']:.3f}"

@@ -49,7 +49,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distrattention_jax import lsh
 from distrattention_jax import prep
 
 METHODS = ("auto", "exact", "iter")
@@ -211,7 +210,6 @@ def causal_prefix_maps(query, key, *, block_q, group_size, first_maps, query_val
     raise ValueError(f"causal_prefix_maps needs q_len == kv_len, got {q_len} and "
                      f"{key.shape[1]}")
   group = heads // kv_heads
-  nb = -(-q_len // block_q)
   if key_valid is not None:
     key = jnp.where(key_valid[:, :, None, None], key, 0)
   gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads if per_kv_head else None)
@@ -275,25 +273,3 @@ def broadcast_maps(maps, batch, num_blocks):
       raise ValueError(f"lowrank maps must be [H, d, r] or [B, H, nb, d, r], got {m.shape}")
     out.append(m)
   return tuple(out)
-
-
-def project_query(query, q_map, block_q):
-  """`Q' = Q_b q_map` per block: `[B, Tq, H, r]` (float32 accumulation, input dtype)."""
-  batch, q_len, heads, _ = query.shape
-  x = lsh.query_blocks(query, block_q)                                    # [B, nb, rows, H, d]
-  y = jnp.einsum("bnrhd,bhndg->bnrhg", x, q_map.astype(x.dtype),
-                 precision=jax.lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-  return y.reshape(batch, -1, heads, y.shape[-1])[:, :q_len].astype(query.dtype)
-
-
-def project_key(key, k_map):
-  """`K' = K k_map` per block: `[B, Hk, nb, Tk, r]` (Hk = k_map's head count; k_map's heads
-  are a multiple of key's: each kv head serves its group)."""
-  batch, kv_len, kv_heads, d = key.shape
-  hk = k_map.shape[1]
-  m = k_map.reshape(batch, kv_heads, hk // kv_heads, k_map.shape[2], d, k_map.shape[-1])
-  y = jnp.einsum("bskd,bkjndg->bkjnsg", key, m.astype(key.dtype),
-                 precision=jax.lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.promote_types(key.dtype, jnp.float32))
-  return y.reshape(batch, hk, k_map.shape[2], kv_len, -1).astype(key.dtype)

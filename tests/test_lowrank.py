@@ -9,6 +9,7 @@ import pytest
 
 from conftest import lower_for_h100
 import distrattention_jax as dj
+from distrattention_jax import grouping as grouping_lib
 from distrattention_jax import lowrank
 from distrattention_jax import reference
 from pallas_kernels.triton import lowrank_factor
@@ -295,8 +296,9 @@ def test_projections_match_reference_scores():
   rng = np.random.default_rng(14)
   q, k = _structured(rng, 2, 20, 4, 16, kv_heads=2)
   q_map, k_map = lowrank.lowrank_maps(q, k, block_q=8, group_size=2, per_kv_head=True)
-  qp = lowrank.project_query(q, q_map, 8)          # [B, Tq, H, r]
-  kp = lowrank.project_key(k, k_map)               # [B, Hkv, nb, Tk, r]
+  reduction = grouping_lib.HeadReduction.from_maps(q_map, k_map, block_q=8)
+  qp = reduction.q_rep(q)                          # [B, Tq, H, r]
+  kp = reduction.k_fused_blocks(k)                 # [B, Hkv, nb, Tk, r]
   assert qp.shape == (2, 20, 4, 8) and kp.shape == (2, 2, 3, 20, 8)
   qn, kn = np.asarray(q), np.asarray(k)
   for n in range(3):
