@@ -21,8 +21,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import lowrank_cost
 from benchmarks import timing
 import distrattention_jax as dj
 from distrattention_jax import grouping
@@ -30,11 +30,6 @@ from distrattention_jax import lowrank
 from distrattention_jax import prep
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _grad_of(fn):
@@ -67,7 +62,6 @@ def main(argv=None):
   rows = []
   for d in args.d:
     sets = timing.make_inputs(1, args.n, args.n, args.heads, d, jnp.bfloat16, 2)
-    q0, k0, _ = sets[0]
     row = {"d": d, "n": args.n, "heads": args.heads}
     rows.append(row)
 
@@ -85,8 +79,9 @@ def main(argv=None):
       record(f"cudnn{c}_fwd_ms", t(jax.jit(exact), sets))
       record(f"cudnn{c}_fwd_bwd_ms", t(timing.loss_grad(exact), sets))
     for g in args.groups:
-      perm = jax.jit(lambda q, g=g: grouping.greedy_permutations(
-          q, block_q=args.n, group_size=g, use_kernel=gpu))(q0)
+      group = jax.jit(lambda q, k, v, g=g: grouping.greedy_permutations(
+          q, block_q=args.n, group_size=g, use_kernel=gpu))
+      perm = group(*sets[0])
       red = grouping.HeadReduction.from_permutation(perm, group_size=g, block_q=args.n)
       if gpu and "e2e" in what:
         from pallas_kernels.mosaic_gpu import attention as mosaic  # pylint: disable=import-outside-toplevel
@@ -102,9 +97,7 @@ def main(argv=None):
           record(f"{tag}_greedy_e2e_fwd_ms", t(jax.jit(e2e), sets))
           record(f"{tag}_greedy_e2e_fwd_bwd_ms", t(timing.loss_grad(e2e), sets))
       if "parts" in what:
-        record(f"G{g}_greedy_grouping_ms", t(jax.jit(
-            lambda q, k, v, g=g: grouping.greedy_permutations(
-                q, block_q=args.n, group_size=g, use_kernel=gpu)), sets))
+        record(f"G{g}_greedy_grouping_ms", t(group, sets))
         grams = jax.jit(lambda q, k, v: (prep.head_grams(q, args.n), prep.head_grams(k, args.n)))
         record("grams_qk_ms", t(grams, sets))
         proj = jax.jit(lambda q, k, v, red=red: (red.q_rep(q, d ** -0.5), red.k_fused(k)))
@@ -116,7 +109,8 @@ def main(argv=None):
       if "lowrank" in what:
         # Its pre-pass (Grams, factorisation, projections) as distr_attention runs it; the
         # first call's time includes the compile of the factorisation program.
-        lr = jax.jit(lambda q, k, v, g=g: _lowrank_prepass(q, k, g, args.n, gpu))
+        lr = lowrank_cost.prepass_fn(args.n, g, args.n, use_kernel=gpu,
+                                     steps=lowrank.DEFAULT_STEPS, per_kv_head=True)
         t0 = time.perf_counter()
         jax.block_until_ready(lr(*sets[0]))
         record(f"G{g}_lowrank_prepass_first_call_s", time.perf_counter() - t0)
@@ -130,14 +124,6 @@ def main(argv=None):
             record(f"{tag}_lowrank_e2e_fwd_ms", t(jax.jit(e2e), sets))
             record(f"{tag}_lowrank_e2e_fwd_bwd_ms", t(timing.loss_grad(e2e), sets))
   print("wrote", os.path.join(args.out_dir, name))
-
-
-def _lowrank_prepass(q, k, g, block_q, gpu):
-  q_map, k_map = lowrank.lowrank_maps(q, k, block_q=block_q, group_size=g, per_kv_head=True,
-                                      use_kernel=gpu)
-  red = grouping.HeadReduction.from_maps(q_map, k_map, block_q=block_q)
-  d = q.shape[-1]
-  return red.q_rep(q, d ** -0.5), red.k_fused(k)
 
 
 if __name__ == "__main__":
