@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-import distrattention_jax as dj
 from distrattention_jax import config, grouping
 from distrattention_jax.backends import triton as triton_backend
 from pallas_kernels.triton import tiles as tiles_lib

@@ -122,7 +122,7 @@ def _lowrank_reference(query, key, value, masks, *, group_size, block_q, scale,
   ct = _compute_dtype(query.dtype)
   hi = jax.lax.Precision.HIGHEST
   batch, q_len, heads, d = query.shape
-  kv_len, kv_heads = key.shape[1], key.shape[2]
+  kv_len = key.shape[1]
   rows = min(block_q, q_len)
   num_blocks = -(-q_len // block_q)
   if lowrank_maps is None:
