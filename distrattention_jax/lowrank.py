@@ -53,7 +53,7 @@ from distrattention_jax import prep
 
 METHODS = ("auto", "exact", "iter")
 DROP_RATIO = 1e-4   # singular values below this fraction of the largest are dropped
-DEFAULT_STEPS = 4   # subspace iterations of method="iter"
+DEFAULT_STEPS = 2   # subspace iterations of method="iter" (docs/KERNEL_NOTES.md, "lowrank")
 
 
 def query_grams(query, block_q, query_valid=None, *, kv_heads=None):
@@ -90,7 +90,7 @@ def factor_exact(gq, gk, rank):
   return a, b
 
 
-KERNEL_MAX_HEAD_DIM = 128  # widest head dim the fused factorisation program fits
+KERNEL_MAX_HEAD_DIM = 128  # widest head dim the fused factorisation program serves
 
 
 def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
@@ -105,8 +105,9 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel and d > KERNEL_MAX_HEAD_DIM:
-    # The fused program holds the d x d Grams in shared memory: at d=256 it asked for
-    # 589824 bytes of the H100's 232448 (2026-11-25), so wider heads run the same
+    # At d=256 (r=64) the program asked for 262144 bytes of shared memory with 128-row
+    # Gram blocks (232448 on an H100) and compiled for over 125 s with 64-row blocks
+    # (2026-12-06, benchmarks/lowrank_kernel_variants.py), so wider heads run the same
     # iteration as XLA ops (same result, more launches).
     use_kernel = False
   if use_kernel:
@@ -120,9 +121,10 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   hi = jax.lax.Precision.HIGHEST
 
   def one(gq1, gk1):
-    return lowrank_factor.factor_pair(lambda x: jnp.matmul(gq1, x, precision=hi),
-                                      lambda x: jnp.matmul(gk1, x, precision=hi), z0,
-                                      steps=steps)
+    (a,), (b,) = lowrank_factor.factor_pair(
+        lambda x: (jnp.matmul(gq1, x[0], precision=hi),),
+        lambda x: (jnp.matmul(gk1, x[0], precision=hi),), (z0,), steps=steps)
+    return a, b
 
   gk_b = jnp.broadcast_to(gk, batch_shape + (d, d))
   a, b = jax.vmap(one)(gq.reshape(-1, d, d), gk_b.reshape(-1, d, d))

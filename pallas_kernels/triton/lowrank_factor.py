@@ -2,7 +2,8 @@
 
 Given `Gq = Q^T Q` and `Gk = K^T K` (`d x d`, float32) this returns `A, B` (`d x r`) with
 `(Q A)(K B)^T` close to the best rank-r approximation of `S = Q K^T` in the Frobenius
-norm, using matmuls and vector operations only (no SVD, no eigh, no Gram inverted):
+norm, using matmuls and element-wise operations only (no SVD, no eigh, no Gram inverted,
+no column-by-column step):
 
 1. Subspace iteration on S for its top-r right singular subspace, carried in key
    coefficients (`V = K Z`) and query coefficients (`U = Q P`), so that only `Gq` and
@@ -13,15 +14,22 @@ norm, using matmuls and vector operations only (no SVD, no eigh, no Gram inverte
    row of S on the subspace, which is the optimum once the subspace is the top-r one.
 3. A scalar balance (`A s`, `B / s`) gives `Q A` and `K B` equal Frobenius norms.
 
-Orthonormalisation is classical Gram-Schmidt in the metric `C = W^T G W` on the `r x r`
-coefficients (a Cholesky factorisation in disguise), run twice at the end; a direction
-whose squared metric norm is below `tol` times the largest is dropped (its column
-becomes zero), so singular and rank-deficient Grams (all-padding blocks included) give
-finite maps. Everything is written on 2-D arrays with ops that the Pallas Triton
-lowering supports (dots, where, reductions, fori_loop), so `factor_pair` is at once the
-XLA implementation (vmapped) and the body of the fused kernel `factor_grams_kernel`:
+Orthonormalisation (`metric_orth`) multiplies `W` by `T ~ (C + ridge I)^(-1/2)`, where
+`C = W^T G W / |.|_F` is the `r x r` metric Gram normalised to norm 1, computed by
+Newton-Schulz polynomial iterations (`T <- T p(T^T C T)`): a handful of small matmuls
+instead of r sequential Gram-Schmidt steps, which made the previous program latency
+bound (1.5 ms for 16 heads at d=128 on an H100, 2026-11-25). `T^T C T` is recomputed
+from C at every iteration (not updated recursively), so rounding cannot accumulate.
+The ridge (1e-6 of the largest eigenvalue) bounds T: a direction whose singular value
+is below ~1e-3 of the largest keeps weight `c / (c + ridge)` < 1 instead of being blown
+up from rounding noise, and null directions (padding, rank below r) get weight 0, so
+singular and rank-deficient Grams (all-padding blocks included) give finite maps.
+
+Everything is written on 2-D arrays with ops that the Pallas Triton lowering supports
+(dots, transposes, element-wise ops, reductions, fori_loop), so `factor_pair` is at once
+the XLA implementation (vmapped) and the body of the fused kernel `factor_grams_kernel`:
 one program per (batch, head, block) runs every step on data held on chip, where XLA
-would launch each of the ~100 tiny steps separately. Imports nothing from
+would launch each of the ~200 tiny matmuls separately. Imports nothing from
 distrattention_jax.
 """
 
@@ -35,13 +43,26 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 HIGHEST = jax.lax.Precision.HIGHEST
-INNER_FLOOR = 1e-7  # inside the iteration nothing is dropped: norms are floored instead
-FINAL_TOL = 1e-8    # |K z|^2 below 1e-8 of the largest (singular values 1e-4): dropped
+RIDGE = 1e-6        # relative to the normalised metric Gram: singular values ~1e-3
 TINY = 1e-30
+# Newton-Schulz polynomials p(y) for T <- T p(T^T C T), acting on a singular value s of
+# W in the metric as s -> s p(s^2). The quintic (coefficients of Jordan et al.'s "Muon"
+# orthogonaliser) grows small values 3.44x per iteration (5 take 1e-3 to ~1) and keeps
+# every value in [0.68, 1.2] from there; the cubic s (3 - s^2) / 2 then converges to 1.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+CUBIC = (1.5, -0.5, 0.0)
+INNER_QUINTIC = 5   # iterations per orthonormalisation inside the subspace iteration
+FINAL_QUINTIC, FINAL_CUBIC = 5, 4   # the last one, which must be orthonormal to ~1e-6
 
 
-def _dot(a, b):
-  return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+# Dot precisions: IEEE float32 (XLA and interpret mode), or three TF32 tensor-core
+# products (`tf32x3`, float32-level accuracy) in the Triton program, whose IEEE dots
+# run on the FMA units as fully unrolled code (see factor_grams_kernel).
+PRECISIONS = {"ieee": HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+
+
+def _dot(a, b, precision=HIGHEST):
+  return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _total(x):
@@ -49,93 +70,105 @@ def _total(x):
   return jnp.sum(jnp.sum(x, axis=1), axis=0)
 
 
-def _column(x, j, cols):
-  """Column j of a 2-D array as a vector (a masked reduction, no dynamic slicing)."""
-  return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1)
+# `[d, r]` matrices are carried as tuples of row chunks (`[d / n, r]` each): the kernel
+# then multiplies by a Gram block by block (`d x d` float32 at d=256 is 256 KB, more
+# than an H100's shared memory). With one chunk (d <= 128, and the XLA path) the code
+# is plain matrix algebra.
 
 
-def metric_orth(w, p, tol, *, drop=True):
-  """Orthonormalises the columns of `w` in the metric G, given `p = G w`.
+def _inner(w, p, precision):
+  """`w^T p` (`r x r`) of two chunked `[d, r]` matrices."""
+  return sum(_dot(wi.T, pi, precision) for wi, pi in zip(w, p))
 
-  Returns `(w T, p T)` with T upper triangular and `(w T)^T G (w T) = I` on the kept
-  columns: Gram-Schmidt on the r x r matrix `C = w^T p`, column by column. A column whose
-  squared norm (after removing the earlier ones) is below `tol` times the largest is
-  dropped (zero) if `drop`, else kept with unit Euclidean norm instead: inside the
-  iteration a direction that one unlucky step leaves nearly dependent (rounding noise
-  in float32) is kept, bounded, so the next step can grow it back if it is real (and
-  it stays harmless noise if the scores have rank < r). A zero `w` stays zero.
+
+def _times(w, t, precision=HIGHEST):
+  """`w t` of a chunked `[d, r]` matrix and an `r x r` one (or a scalar)."""
+  if jnp.ndim(t) == 2:
+    return tuple(_dot(wi, t, precision) for wi in w)
+  return tuple(wi * t for wi in w)
+
+
+def metric_orth(w, p, *, quintic: int, cubic: int = 0, precision=HIGHEST,
+                small_precision=HIGHEST):
+  """`(w T, p T)` with `(w T)^T G (w T) ~ I`, given `p = G w` (chunked `[d, r]` each).
+
+  `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from `quintic`
+  then `cubic` Newton-Schulz iterations. Inside the subspace iteration the quintic alone
+  suffices (only the conditioning of the columns matters there); the final call adds
+  cubic iterations so the kept columns are orthonormal to ~1e-6. A zero `w` or `p`
+  gives zeros. `precision`: the d-deep products; `small_precision`: the `r x r` ones.
   """
-  r = w.shape[1]
-  c = _dot(w.T, p)
-  c = 0.5 * (c + c.T)
+  c = _inner(w, p, precision)
+  r = c.shape[0]
+  norm = jnp.sqrt(_total(c * c))
+  ok = norm > TINY
+  inv_norm = jnp.where(ok, 1.0 / jnp.maximum(norm, TINY), 0.0)
   rows = jax.lax.broadcasted_iota(jnp.int32, (r, r), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (r, r), 1)
-  cmax = jnp.max(jnp.sum(jnp.where(rows == cols, c, 0.0), axis=1))
-  ids = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
+  eye = (rows == cols).astype(jnp.float32)
+  # Symmetrised and normalised (eigenvalues in [0, 1]), plus the ridge.
+  y0 = (0.5 * inv_norm) * (c + c.T) + RIDGE * eye
+  dot = functools.partial(_dot, precision=small_precision)
 
-  def body(j, carry):
-    t, ct, t_low, margin = carry  # columns < j: the orthonormal combinations so far, C t,
-    # every column's unnormalised combination, and its squared norm minus the floor
-    # (<= 0: below the floor). Only float selects with computed values: a select of
-    # constants on a scalar predicate (`where(ok, 0., 1.)`) broke Triton's verifier.
-    coeff = jnp.sum(jnp.where(rows == j, ct, 0.0), axis=0)  # <t_i, e_j>_C = (C t_i)[j]
-    v = jnp.where(ids == j, 1.0, 0.0) - jnp.sum(t * coeff[None, :], axis=1)
-    cv = _column(c, j, cols) - jnp.sum(ct * coeff[None, :], axis=1)
-    n2 = jnp.sum(v * cv)
-    floor = jnp.maximum(tol * cmax, TINY)
-    ok = n2 > floor
-    inv = jnp.where(ok, jax.lax.rsqrt(jnp.maximum(n2, floor)), 0.0)
-    if not drop:  # kept unnormalised here; scaled to unit Euclidean norm below
-      t_low = jnp.where(cols == j, v[:, None], t_low)
-      margin = jnp.where(ids == j, n2 - floor, margin)
-    t = jnp.where(cols == j, (v * inv)[:, None], t)
-    ct = jnp.where(cols == j, (cv * inv)[:, None], ct)
-    return t, ct, t_low, margin
+  def iteration(coeffs):
+    a, b, c2 = coeffs
 
-  zero = jnp.zeros((r, r), jnp.float32)
-  t, _, t_low, margin = jax.lax.fori_loop(0, r, body, (zero, zero, zero,
-                                                       jnp.zeros((r,), jnp.float32)))
-  if drop:
-    return _dot(w, t), _dot(p, t)
-  # Columns below the floor (margin <= 0): w t_j with unit Euclidean norm (metric norm
-  # ~0); the columns above it are already in t (their scale here is 0).
-  w_low = _dot(w, t_low)
-  norm2 = jnp.sum(w_low * w_low, axis=0)
-  scale = jnp.where((margin <= 0) & (norm2 > TINY),
-                    jax.lax.rsqrt(jnp.maximum(norm2, TINY)), 0.0)
-  t = t + t_low * scale[None, :]
-  return _dot(w, t), _dot(p, t)
+    def body(_, t):
+      y = dot(t.T, dot(y0, t))         # the metric Gram of w T, recomputed from y0
+      poly = a * eye + b * y
+      if c2:
+        poly = poly + c2 * dot(y, y)
+      return dot(t, poly)
+
+    return body
+
+  # The first iteration from T = I is the polynomial of y0 itself.
+  a, b, c2 = QUINTIC
+  t = a * eye + b * y0 + c2 * dot(y0, y0)
+  t = jax.lax.fori_loop(1, quintic, iteration(QUINTIC), t)
+  if cubic:
+    t = jax.lax.fori_loop(0, cubic, iteration(CUBIC), t)
+  t = t * jnp.where(ok, jax.lax.rsqrt(jnp.maximum(norm, TINY)), 0.0)
+  return _times(w, t, precision), _times(p, t, precision)
 
 
-def factor_pair(gq_mul, gk_mul, z0, *, steps: int):
-  """`(A, B)` `[d, r]` for one block, from `Gq @ x` and `Gk @ x` (callables) and a start.
+def factor_pair(gq_mul, gk_mul, z0, *, steps: int, precision=HIGHEST,
+                small_precision=HIGHEST):
+  """`(A, B)` for one block, from `Gq @ x` and `Gk @ x` (callables) and a start.
 
-  `z0 [d, r]` is the starting subspace (a fixed Gaussian matrix). Each of the `steps`
-  iterations is two half steps of subspace iteration on S itself, in coefficients:
-  left vectors `U = S V = Q (Gk Z)` (query coefficients `P = Gk Z`, orthonormalised in
-  the metric Gq) and right vectors `V = S^T U = K (Gq P)` (key coefficients `Z = Gq P`,
-  orthonormalised in the metric Gk). Orthonormalising each half step in its own metric
-  keeps the conditioning at that of U or V (singular value ratios), not of `Gq Gk`
-  (their squares), which float32 could not hold. One `d x d` product per half step.
+  All `[d, r]` matrices are tuples of row chunks (one chunk: plain matrices); `z0` is
+  the starting subspace (a fixed Gaussian matrix), `gq_mul`/`gk_mul` map chunked
+  matrices to chunked matrices. Each of the `steps` (>= 1) iterations is two half steps
+  of subspace iteration on S itself, in coefficients: left vectors `U = S V = Q (Gk Z)`
+  (query coefficients `P = Gk Z`, orthonormalised in the metric Gq) and right vectors
+  `V = S^T U = K (Gq P)` (key coefficients `Z = Gq P`, orthonormalised in the metric
+  Gk). Orthonormalising each half step in its own metric keeps the conditioning at that
+  of U or V (singular value ratios), not of `Gq Gk` (their squares), which float32 could
+  not hold. One `d x d` product per half step.
   """
-  z = z0
-  gz = gk_mul(z)
-  z, gz = metric_orth(z, gz, INNER_FLOOR, drop=False)
-  for i in range(steps):
-    p = gz                                   # U = Q P, P = Gk Z
-    gp = gq_mul(p)
-    p, gp = metric_orth(p, gp, INNER_FLOOR, drop=False)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
+  inner = functools.partial(orth, quintic=INNER_QUINTIC)
+
+  def half_steps(z, gz):
+    p, gp = inner(gz, gq_mul(gz))            # U = Q P, P = Gk Z
     z = gp                                   # V = K Z, Z = Gq P
-    gz = gk_mul(z)
-    last = i == steps - 1
-    z, gz = metric_orth(z, gz, FINAL_TOL if last else INNER_FLOOR, drop=last)
-  z, gz = metric_orth(z, gz, FINAL_TOL)      # again: Z^T Gk Z = I to rounding
+    return z, gk_mul(z)
+
+  def step(_, carry):
+    return inner(*half_steps(*carry))
+
+  z, gz = inner(z0, gk_mul(z0))
+  z, gz = jax.lax.fori_loop(0, steps - 1, step, (z, gz))
+  z, gz = half_steps(z, gz)
+  z, gz = orth(z, gz, quintic=FINAL_QUINTIC, cubic=FINAL_CUBIC)  # Z^T Gk Z = I
   a, b = gz, z
-  qa2 = _total(a * gq_mul(a))  # |Q A|^2
-  kb2 = _total(b * gz)         # |K B|^2 (= the number of kept directions)
+  qa2 = sum(_total(ai * gi) for ai, gi in zip(a, gq_mul(a)))  # |Q A|^2
+  kb2 = sum(_total(bi * gi) for bi, gi in zip(b, gz))         # |K B|^2 (~ kept directions)
   ok = (qa2 > TINY) & (kb2 > TINY)
   s = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, kb2, 1.0) / jnp.where(ok, qa2, 1.0))), 1.0)
-  return a * s, b / s
+  return _times(a, s), _times(b, 1.0 / s)
 
 
 def start_subspace(d: int, r: int) -> np.ndarray:
@@ -143,32 +176,66 @@ def start_subspace(d: int, r: int) -> np.ndarray:
   return np.random.default_rng(20261125).standard_normal((d, r)).astype(np.float32)
 
 
-def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps):
-  # The Grams are read at every product (from L2) rather than held: two d x d float32
-  # values live through the whole program spilled at d=128 (H100, 2026-11-25: a 124 s
-  # compile and 4.1 ms per call for B=1, H=16, N=16384, G=4).
-  a, b = factor_pair(lambda x: _dot(gq_ref[...], x), lambda x: _dot(gk_ref[...], x),
-                     z0_ref[...], steps=steps)
-  a_ref[...] = a
-  b_ref[...] = b
+def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps, chunk, precision,
+            small_precision):
+  # The Grams are read block by block at every product (from L2) rather than held: two
+  # d x d float32 values live through the whole program spilled at d=128 (H100,
+  # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
+  # at d=256 one Gram alone is more than the shared memory.
+  n = z0_ref.shape[0] // chunk
+
+  def gram_mul(g_ref):
+    def mul(x):
+      return tuple(sum(_dot(g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)], x[j],
+                            precision) for j in range(n)) for i in range(n))
+    return mul
+
+  z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
+  a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, steps=steps,
+                     precision=precision, small_precision=small_precision)
+  for i in range(n):
+    a_ref[pl.ds(i * chunk, chunk), :] = a[i]
+    b_ref[pl.ds(i * chunk, chunk), :] = b[i]
+
+
+MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "kv_group", "num_warps",
+                                             "precision", "small_precision", "block_d",
                                              "interpret"))
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 4, kv_group: int = 1,
-                        num_warps: int = 8, interpret: bool = False):
+                        num_warps: int = 4, precision: str | None = None,
+                        small_precision: str = "ieee", block_d: int | None = None,
+                        interpret: bool = False):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
 
   Args:
     gq: float32 `[M, d, d]` query Grams; gk: float32 `[M // kv_group, d, d]` key Grams,
       program i using key Gram `i // kv_group` (so a key Gram shared by the blocks and
-      query heads of one kv head is read, not copied). d a power of two >= 16.
-    rank: r; padded to 16 inside (Triton dots need 16), the extra columns drop out.
-    num_warps: 8 by measurement (H100, 2026-11-25, B=1, H=16, d=64, G=4, 4 steps: 0.107
-      ms for the 16 programs at 8 warps, 0.133 at 4, 0.346 at 1; the programs are
-      latency-bound: r sequential Gram-Schmidt steps per orthonormalisation).
+      query heads of one kv head is read, not copied). d a power of two >= 16; above
+      128 the Grams are multiplied in 128 x 128 blocks.
+    rank: r; padded to 16 inside (Triton dots need 16); the extra columns start at zero
+      and stay zero (their metric Gram block is the ridge alone, uncoupled).
+    num_warps: warps per program (the programs are latency-bound chains of small
+      matmuls; see docs/KERNEL_NOTES.md for the measured choice).
+    precision: "tf32x3" or "ieee" for the d-deep products (None: tf32x3 on a GPU, ieee
+      when interpreted, where XLA's CPU dots have no TF32); small_precision: the same for
+      the `r x r` products of the orthonormalisations.
+    block_d: rows and columns of the Gram blocks multiplied at a time (default
+      min(d, 128)); a divisor of d.
   """
+  if precision is None:
+    precision = "ieee" if interpret else "tf32x3"
+  if interpret:
+    small_precision = "ieee"
+  for name, value in (("precision", precision), ("small_precision", small_precision)):
+    if value not in PRECISIONS:
+      raise ValueError(f"{name} must be one of {tuple(PRECISIONS)}, got {value!r}")
   m, d, _ = gq.shape
+  block_d = min(d, MAX_CHUNK) if block_d is None else block_d
+  if d % block_d or block_d < 16:
+    raise ValueError(f"block_d must be a divisor of d={d} and >= 16, got {block_d}")
   width = max(16, rank)
   z0 = np.zeros((d, width), np.float32)
   z0[:, :rank] = start_subspace(d, rank)
@@ -178,7 +245,9 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 4, kv_group: int = 1,
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   a, b = pl.pallas_call(
-      functools.partial(_kernel, steps=steps),
+      functools.partial(_kernel, steps=steps, chunk=block_d,
+                        precision=PRECISIONS[precision],
+                        small_precision=PRECISIONS[small_precision]),
       grid=(m,),
       in_specs=[pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
                 pl.BlockSpec((None, d, d), lambda i: (i // kv_group, 0, 0)),

@@ -1,0 +1,163 @@
+"""Compile time, run time and accuracy of the lowrank factorisation program's variants.
+
+The fused program (`pallas_kernels/triton/lowrank_factor.py`) is a latency-bound chain
+of small matmuls; how Triton compiles those matmuls (IEEE float32 on the FMA units,
+fully unrolled, or TF32x3 on tensor cores) and the warp count decide both its compile
+time and its speed. Phase 1 compiles every variant in its own process, in parallel,
+into JAX's persistent compilation cache (a compile that runs past `--compile-timeout`
+is reported as such); phase 2 times the variants that compiled, one after another in
+one process (cache hits), on 16 programs (B=1, H=16, one factorisation per sequence),
+and measures the relative score error of their maps against the optimum (numpy SVD of
+the explicit scores) on structured data.
+
+    python -m benchmarks.lowrank_kernel_variants            (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+
+# (d, r, num_warps, precision of the d-deep products, of the r x r ones, steps, block_d)
+VARIANTS = [
+    (128, 32, 4, "tf32x3", "ieee", 4, 128), (128, 32, 4, "tf32x3", "ieee", 2, 128),
+    (128, 32, 4, "tf32x3", "tf32x3", 2, 128), (128, 32, 2, "tf32x3", "ieee", 2, 128),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128), (128, 32, 4, "tf32x3", "ieee", 2, 64),
+    (64, 16, 4, "ieee", "ieee", 2, 64), (64, 16, 4, "tf32x3", "ieee", 2, 64),
+    (64, 16, 2, "ieee", "ieee", 2, 64),
+    (256, 64, 4, "tf32x3", "ieee", 2, 128), (256, 64, 4, "tf32x3", "ieee", 2, 64),
+    (256, 64, 8, "tf32x3", "ieee", 2, 64),
+    (128, 64, 4, "tf32x3", "ieee", 2, 128), (128, 64, 8, "tf32x3", "ieee", 2, 64),
+]
+
+
+def _name(v):
+  return "d{}-r{}-w{}-{}-{}-s{}-b{}".format(*v)
+
+
+def _data(d, n=2048, heads=16, seed=0):
+  """Structured Q, K `[heads, n, d]` (noisy copies of a few prototype columns)."""
+  rng = np.random.default_rng(seed + d)
+  q = rng.standard_normal((heads, n, 8))[..., rng.integers(0, 8, d)] + \
+      0.3 * rng.standard_normal((heads, n, d))
+  k = rng.standard_normal((heads, n, 8))[..., rng.integers(0, 8, d)] + \
+      0.5 * rng.standard_normal((heads, n, d))
+  return q, k
+
+
+def _fn(v):
+  from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
+  d, r, warps, precision, small, steps, block_d = v
+  del d
+  return jax.jit(lambda gq, gk: lowrank_factor.factor_grams_kernel(
+      gq, gk, rank=r, steps=steps, num_warps=warps, precision=precision,
+      small_precision=small, block_d=block_d))
+
+
+def _grams(q, k):
+  gq = jnp.asarray(np.einsum("hnd,hne->hde", q, q), jnp.float32)
+  gk = jnp.asarray(np.einsum("hnd,hne->hde", k, k), jnp.float32)
+  return gq, gk
+
+
+def compile_one(v):
+  q, k = _data(v[0])
+  gq, gk = _grams(q, k)
+  t0 = time.perf_counter()
+  _fn(v).lower(gq, gk).compile()
+  return time.perf_counter() - t0
+
+
+def time_and_check(v, reps=20):
+  q, k = _data(v[0])
+  gq, gk = _grams(q, k)
+  fn = _fn(v)
+  t0 = time.perf_counter()
+  a, b = jax.block_until_ready(fn(gq, gk))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(gq, gk))
+    times.append(time.perf_counter() - t0)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  rel, best = [], []
+  for h in range(4):
+    s = q[h] @ k[h].T
+    sv = np.linalg.svd(s, compute_uv=False)
+    rel.append(np.linalg.norm((q[h] @ a[h]) @ (k[h] @ b[h]).T - s) / np.linalg.norm(s))
+    best.append(np.sqrt(np.sum(sv[v[1]:] ** 2)) / np.linalg.norm(s))
+  return {"first_call_s": first, "ms": 1e3 * float(np.median(times)),
+          "rel_error": float(np.mean(rel)), "optimum": float(np.mean(best)),
+          "finite": bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--compile-timeout", type=float, default=200)
+  p.add_argument("--only", default="", help="comma list of variant names")
+  p.add_argument("--child", default="", help=argparse.SUPPRESS)
+  p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--out-dir", default="benchmarks/results")
+  args = p.parse_args(argv)
+  variants = [v for v in VARIANTS if not args.only or _name(v) in args.only.split(",")]
+  if args.child:
+    v = next(v for v in VARIANTS if _name(v) == args.child)
+    print(json.dumps({"compile_s": compile_one(v)}))
+    return
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                os.path.join(tempfile.gettempdir(), "distr-jax-cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  procs = {_name(v): subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.lowrank_kernel_variants", "--child", _name(v),
+      ], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=env, text=True) for v in variants}
+  rows = {}
+  t0 = time.perf_counter()
+  for name, proc in procs.items():
+    try:
+      out, err = proc.communicate(
+          timeout=max(1.0, args.compile_timeout - (time.perf_counter() - t0)))
+      errors = [line for line in err.splitlines() if "Error" in line or "error" in line]
+      rows[name] = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {
+          "compile_s": None, "error": f"rc {proc.returncode}: " + " | ".join(
+              line[:300] for line in errors[-3:])}
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      rows[name] = {"compile_s": None, "error": f"compile > {args.compile_timeout:.0f} s"}
+    print(name, rows[name], flush=True)
+  for v in variants:
+    name = _name(v)
+    if rows[name].get("compile_s") is None:
+      continue
+    try:
+      rows[name].update(time_and_check(v))
+    except Exception as e:  # noqa: BLE001
+      rows[name]["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(name, {k: round(x, 5) if isinstance(x, float) else x for k, x in rows[name].items()},
+          flush=True)
+  from benchmarks import timing  # pylint: disable=import-outside-toplevel
+  info = timing.device_info()
+  path = os.path.join(args.out_dir, "lowrank-kernel-variants-{}-{}{}.json".format(
+      info["device"].replace(" ", "_"), info["date"][:10], args.tag))
+  timing.write_json(path, {"info": info, "programs": 16, "rows": rows})
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
