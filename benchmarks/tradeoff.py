@@ -51,10 +51,11 @@ def points(speed, pretrained, n=16384, d=128):
   return out
 
 
-def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128):
+def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128, fixed=None):
   """The Mosaic path, one grouping per sequence: greedy from the end-to-end speed run
-  (`speed-mosaic-e2e-*.json`), lowrank from `prep-cost-*-lowrank-d128.json` (each ratio to
-  the cuDNN time of its own run)."""
+  (`speed-mosaic-e2e-*.json`), lowrank fitted per sequence and lowrank with fixed
+  (calibrated) maps from `prep-cost-*-lowrank-d128.json` (each ratio to the cuDNN time of
+  its own run); the fixed maps' cosine from `fixed` (`pretrained-minilm-iter-fixed-*`)."""
   cos = {(r["G"], r["block_q"], r["grouping"]): r["mean_cos"] for r in pretrained["rows"]
          if r["representative"] == "mean"}
   whole = max(r["block_q"] for r in pretrained["rows"])
@@ -76,6 +77,15 @@ def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128):
           out.append({"label": f"mosaic G={g} lowrank", "G": g, "grouping": "lowrank",
                       "speedup": row["cudnn_fwd_bwd_ms"] / row[key],
                       "cosine": cos[(g, whole, "lowrank")]})
+  fixed_cos = {} if fixed is None else {r["G"]: r["mean_cos"] for r in fixed["rows"]
+                                        if r["grouping"] == "lowrank_fixed"}
+  if lowrank_cost is not None:
+    for row in lowrank_cost["rows"]:
+      for g in (2, 4, 8):
+        key = f"G{g}_fixedmaps_e2e_fwd_bwd_ms"
+        if row.get("d") == d and row.get("n") == n and key in row and g in fixed_cos:
+          out.append({"label": f"mosaic G={g} fixed maps", "G": g, "grouping": "lowrank_fixed",
+                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key], "cosine": fixed_cos[g]})
   return out
 
 
@@ -96,6 +106,8 @@ def main(argv=None):
                  help="default: the latest speed-mosaic-e2e-*.json (greedy on our kernels)")
   p.add_argument("--lowrank-cost-json", default=None,
                  help="default: the latest prep-cost-*-lowrank-d128.json (lowrank on them)")
+  p.add_argument("--fixed-json", default=None,
+                 help="default: the latest pretrained-minilm-iter-fixed-*.json (fixed maps)")
   p.add_argument("--out-dir", default=RESULTS)
   args = p.parse_args(argv)
   with open(args.speed_json or _latest("speed-*-d128-20*.json")) as f:
@@ -105,7 +117,8 @@ def main(argv=None):
   pts = points(speed, pretrained)
   mosaic = mosaic_points(_optional(args.mosaic_speed_json, "speed-mosaic-e2e-*-20*.json"),
                          _optional(args.lowrank_cost_json, "prep-cost-*-lowrank-d128.json"),
-                         pretrained)
+                         pretrained,
+                         fixed=_optional(args.fixed_json, "pretrained-minilm-iter-fixed-*.json"))
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -121,11 +134,12 @@ def main(argv=None):
         ax.annotate(q["label"], (q["speedup"], q[key]), fontsize=7,
                     xytext=(-6 if left else 6, -3), textcoords="offset points",
                     ha="right" if left else "left")
-  for grouping, marker in (("greedy", "s"), ("lowrank", "D")):
+  for grouping, marker, name in (("greedy", "s", "greedy"), ("lowrank", "D", "lowrank"),
+                                 ("lowrank_fixed", "P", "lowrank fixed maps")):
     sel = [q for q in mosaic if q["grouping"] == grouping]
     if sel:
       ax.scatter([q["speedup"] for q in sel], [q["cosine"] for q in sel], marker=marker,
-                 label=f"{grouping}, our Mosaic kernels")
+                 label=f"{name}, our Mosaic kernels")
       for q in sel:
         ax.annotate(q["label"], (q["speedup"], q["cosine"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
