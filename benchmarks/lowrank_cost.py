@@ -93,7 +93,8 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
   p.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8])
-  p.add_argument("--steps", type=int, nargs="+", default=[4, 2])
+  p.add_argument("--steps", type=int, nargs="+", default=[2, 4],
+                 help="subspace steps; the first is timed part by part")
   p.add_argument("--xla", action="store_true", help="also time the iteration as XLA ops")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out-dir", default="benchmarks/results")

@@ -24,7 +24,14 @@ if [ "$what" = grouping ] || [ "$what" = all ]; then
     --out-dir "$out" 2>&1 | grep -v Warn | tail -26
 fi
 if [ "$what" = lowrank ] || [ "$what" = all ]; then
-  timeout 170 python -m benchmarks.lowrank_cost --out-dir "$out" > "$out/lowrank-cost.log" 2>&1
+  # The factorisation program's variants (compile time, speed, accuracy; compiles in
+  # parallel processes), then the pre-pass parts at G=4 (r=64 programs compile for 1-2
+  # minutes on an H100, 2026-12-06, so G=2 is left out here).
+  timeout 200 python -m benchmarks.lowrank_kernel_variants --compile-timeout 130 \
+    --out-dir "$out" > "$out/lowrank-variants.log" 2>&1
+  grep -v Warn "$out/lowrank-variants.log" | grep " ms\|error" | cut -c1-260
+  timeout 170 python -m benchmarks.lowrank_cost --d 128 64 --groups 4 --steps 2 4 \
+    --out-dir "$out" > "$out/lowrank-cost.log" 2>&1
   grep -v Warn "$out/lowrank-cost.log" | cut -c1-300 | tail -30
 fi
 if [ "$what" = prep ]; then
