@@ -11,6 +11,7 @@ and measures the relative score error of their maps against the optimum (numpy S
 the explicit scores) on structured data.
 
     python -m benchmarks.lowrank_kernel_variants            (GPU)
+    python -m benchmarks.lowrank_kernel_variants --quick    (CPU smoke test, interpreted)
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def _data(d, n=2048, heads=16, seed=0):
   return q, k
 
 
-def _fn(v):
+def _fn(v, interpret=False):
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
   d, r, warps, precision, small, steps, block_d = v
   del d
   return jax.jit(lambda gq, gk: lowrank_factor.factor_grams_kernel(
       gq, gk, rank=r, steps=steps, num_warps=warps, precision=precision,
-      small_precision=small, block_d=block_d))
+      small_precision=small, block_d=block_d, interpret=interpret))
 
 
 def _grams(q, k):
@@ -80,10 +81,10 @@ def compile_one(v):
   return time.perf_counter() - t0
 
 
-def time_and_check(v, reps=20):
-  q, k = _data(v[0])
+def time_and_check(v, reps=20, n=2048, heads=16, interpret=False):
+  q, k = _data(v[0], n=n, heads=heads)
   gq, gk = _grams(q, k)
-  fn = _fn(v)
+  fn = _fn(v, interpret)
   t0 = time.perf_counter()
   a, b = jax.block_until_ready(fn(gq, gk))
   first = time.perf_counter() - t0
@@ -94,7 +95,7 @@ def time_and_check(v, reps=20):
     times.append(time.perf_counter() - t0)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   rel, best = [], []
-  for h in range(4):
+  for h in range(min(4, heads)):
     s = q[h] @ k[h].T
     sv = np.linalg.svd(s, compute_uv=False)
     rel.append(np.linalg.norm((q[h] @ a[h]) @ (k[h] @ b[h]).T - s) / np.linalg.norm(s))
@@ -110,9 +111,16 @@ def main(argv=None):
   p.add_argument("--only", default="", help="comma list of variant names")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--quick", action="store_true", help="one small interpreted variant")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
   variants = [v for v in VARIANTS if not args.only or _name(v) in args.only.split(",")]
+  if args.quick:  # no GPU needed: the program interpreted, no compile phase
+    v = (32, 8, 4, "ieee", "ieee", 2, 32)
+    variants, rows = [v], {_name(v): {"compile_s": None}}
+    rows[_name(v)].update(time_and_check(v, reps=2, n=256, heads=2, interpret=True))
+    print(_name(v), rows[_name(v)], flush=True)
+    return _write(rows, args)
   if args.child:
     v = next(v for v in VARIANTS if _name(v) == args.child)
     print(json.dumps({"compile_s": compile_one(v)}))
@@ -151,12 +159,17 @@ def main(argv=None):
       rows[name]["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     print(name, {k: round(x, 5) if isinstance(x, float) else x for k, x in rows[name].items()},
           flush=True)
+  return _write(rows, args)
+
+
+def _write(rows, args):
   from benchmarks import timing  # pylint: disable=import-outside-toplevel
   info = timing.device_info()
   path = os.path.join(args.out_dir, "lowrank-kernel-variants-{}-{}{}.json".format(
       info["device"].replace(" ", "_"), info["date"][:10], args.tag))
   timing.write_json(path, {"info": info, "programs": 16, "rows": rows})
   print("wrote", path)
+  return path
 
 
 if __name__ == "__main__":

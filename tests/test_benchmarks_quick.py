@@ -45,8 +45,19 @@ def test_tradeoff_plot_from_committed_results(tmp_path):
   from benchmarks import tradeoff
   tradeoff.main(["--out-dir", str(tmp_path)])
   (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
-  pts = json.load(open(tmp_path / path))["points"]
+  result = json.load(open(tmp_path / path))
+  pts = result["points"]
   assert pts and all(0.5 < p["speedup"] < 2 and 0 < p["cosine_greedy"] <= 1 for p in pts)
+  groupings = {p["grouping"] for p in result["mosaic_points"]}
+  assert {"greedy", "lowrank", "lowrank_fixed"} <= groupings, groupings
+
+
+def test_lowrank_kernel_variants_quick(tmp_path):
+  from benchmarks import lowrank_kernel_variants
+  path = lowrank_kernel_variants.main(["--quick", "--out-dir", str(tmp_path)])
+  (row,) = json.load(open(path))["rows"].values()
+  assert row["finite"] and row["ms"] > 0
+  assert row["rel_error"] <= 1.1 * row["optimum"], row
 
 
 def test_prep_cost_quick(tmp_path):
