@@ -135,7 +135,7 @@ def main(argv=None):
                 use_kernel=use_kernel))
             row["factor"] = measure(fac, [(gq, gk)], args.quick)
             qm, km = fac(gq, gk)
-            if use_kernel:  # the kernel alone at other warp counts (4 is the default)
+            if use_kernel and d <= lowrank.KERNEL_MAX_HEAD_DIM:  # other warp counts (4: default)
               from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
               for warps in (2, 8):
                 try:

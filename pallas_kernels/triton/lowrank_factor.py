@@ -204,7 +204,7 @@ MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "kv_group", "num_warps",
                                              "precision", "small_precision", "block_d",
                                              "interpret"))
-def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 4, kv_group: int = 1,
+def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
                         num_warps: int = 4, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
                         interpret: bool = False):
