@@ -546,3 +546,23 @@ def test_kernel_multiplies_wide_grams_in_blocks():
   ker = lowrank.factor_iter(gq, gk, 32, use_kernel=True, steps=2)
   for x, y in zip(xla, ker):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(x))))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_iteration_is_stable_on_steep_spectra(alpha):
+  """Singular values falling as i^-alpha (ratio up to ~1e6 within r): the Newton-Schulz
+  orthonormalisation must stay finite and near the optimum. (Its first version updated
+  T^T C T without the transpose and overflowed to ~1e19 on exactly such data.)"""
+  rng = np.random.default_rng(int(10 * alpha))
+  d, n = 64, 512
+  sv = np.arange(1, d + 1) ** -alpha
+  q = (rng.standard_normal((n, d)) * sv) @ np.linalg.qr(rng.standard_normal((d, d)))[0]
+  k = (rng.standard_normal((n, d)) * sv) @ np.linalg.qr(rng.standard_normal((d, d)))[0]
+  k = k + 3.0 * rng.standard_normal(d)              # a shared key mean, as in trained models
+  q4, k4 = (jnp.asarray(x[None, :, None], jnp.float32) for x in (q, k))
+  for use_kernel in (False, True):
+    maps = lowrank.lowrank_maps(q4, k4, block_q=n, group_size=4, method="iter",
+                                use_kernel=use_kernel)
+    assert all(bool(jnp.all(jnp.isfinite(m))) for m in maps)
+    got, best = _errors(q4, k4, *maps, n)
+    assert np.all(got <= best + 5e-3), (use_kernel, got, best)
