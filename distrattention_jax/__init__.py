@@ -4,7 +4,7 @@ from distrattention_jax.attention import distr_attention
 from distrattention_jax.config import DistrConfig
 from distrattention_jax.flax_layers import (DistrMultiHeadAttention,
                                             DistrMultiHeadDotProductAttention,
-                                            make_attention_fn)
+                                            LowrankMaps, make_attention_fn)
 from distrattention_jax.grouping import HeadReduction, block_permutations
 from distrattention_jax.reference import distr_attention_reference, exact_attention
 
@@ -13,6 +13,7 @@ __all__ = [
     "DistrMultiHeadAttention",
     "DistrMultiHeadDotProductAttention",
     "HeadReduction",
+    "LowrankMaps",
     "make_attention_fn",
     "block_permutations",
     "distr_attention",

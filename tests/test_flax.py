@@ -106,3 +106,66 @@ def test_config_and_keyword_options():
                                            implementation="xla", rngs=nnx.Rngs(0),
                                            decode=False)
   np.testing.assert_allclose(nnx_config(x), nnx_keyword(x))
+
+
+def _nnx_lowrank_layer(**kw):
+  return dj.DistrMultiHeadAttention(4, 32, num_kv_heads=2, group_size=4, grouping="lowrank",
+                                    block_q=16, implementation="xla", causal=True,
+                                    rngs=nnx.Rngs(0), decode=False, **kw)
+
+
+def test_nnx_calibrated_lowrank_maps_are_state_used_and_strictly_causal():
+  layer = _nnx_lowrank_layer()
+  fitted = _nnx_lowrank_layer()            # same parameters, maps fitted per call
+  calib = _x((3, 40, 32), 5)
+  out, (q_map, k_map) = layer.calibrate_lowrank(calib)
+  # The calibration pass is exact attention.
+  ref = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, rngs=nnx.Rngs(0), decode=False)
+  np.testing.assert_allclose(out, ref(calib, is_causal=True), atol=2e-5)
+  assert q_map.shape == (4, 8, 2) and k_map.shape == (2, 8, 2)  # one per kv head
+  assert len(jax.tree.leaves(nnx.state(layer, dj.LowrankMaps))) == 2
+  assert jax.tree.structure(nnx.state(layer, nnx.Param)) == jax.tree.structure(
+      nnx.state(ref, nnx.Param))
+  # Later calls run DistrAttention with exactly these maps.
+  x = _x((2, 24, 32), 6)
+  y = layer(x)
+  with_maps = nnx.MultiHeadAttention(
+      4, 32, num_kv_heads=2, rngs=nnx.Rngs(0), decode=False,
+      attention_fn=dj.make_attention_fn(group_size=4, grouping="lowrank", block_q=16,
+                                        implementation="xla", is_causal=True,
+                                        lowrank_maps=(q_map, k_map)))
+  np.testing.assert_allclose(y, with_maps(x), atol=2e-5)
+  assert float(jnp.max(jnp.abs(y - fitted(x)))) > 1e-4      # not the per-call fit
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), y, atol=2e-5)
+  # Strictly causal: changing tokens 12.. leaves outputs 0..11 as they were; the
+  # per-call fit sees the later tokens.
+  x2 = x.at[:, 12:].add(3.0 * _x((2, 12, 32), 7))
+  assert float(jnp.max(jnp.abs(layer(x2)[:, :12] - y[:, :12]))) < 1e-5
+  assert float(jnp.max(jnp.abs(fitted(x2)[:, :12] - fitted(x)[:, :12]))) > 1e-4
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert not jax.tree.leaves(nnx.state(grads, dj.LowrankMaps))  # maps are not trained
+
+
+def test_calibrate_lowrank_needs_the_lowrank_grouping():
+  layer = dj.DistrMultiHeadAttention(4, 32, group_size=2, rngs=nnx.Rngs(0), decode=False)
+  with pytest.raises(ValueError, match="grouping='lowrank'"):
+    layer.calibrate_lowrank(_x((1, 8, 32)))
+
+
+def test_linen_takes_fixed_lowrank_maps():
+  x = _x((2, 24, 32), 8)
+  q_map, k_map = (jnp.asarray(np.random.default_rng(9).standard_normal((2, 16, 4)),
+                              jnp.float32) for _ in range(2))
+  layer = dj.DistrMultiHeadDotProductAttention(
+      num_heads=2, group_size=4, grouping="lowrank", block_q=8, implementation="xla",
+      causal=True, lowrank_maps=(q_map, k_map))
+  params = layer.init(jax.random.key(0), x)
+  y = jax.jit(layer.apply)(params, x)
+  p = params["params"]
+  proj = lambda name: jnp.einsum("btc,chd->bthd", x, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
+  attn = dj.distr_attention(proj("query"), proj("key"), proj("value"), group_size=4,
+                            block_q=8, grouping="lowrank", is_causal=True,
+                            lowrank_maps=(q_map, k_map), implementation="xla")
+  np.testing.assert_allclose(y, jnp.einsum("bthd,hdc->btc", attn, p["out"]["kernel"])
+                             + p["out"]["bias"], atol=2e-5)
