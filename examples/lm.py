@@ -10,6 +10,13 @@ settings share one parameter tree, so a checkpoint trained with one runs with an
     cfg = LMConfig(num_layers=6, num_heads=4, head_dim=128)
     model = LM(cfg, attention=attention_options(group_size=2, block_q=64, grouping="greedy"))
     logits = model.apply(params, tokens)            # tokens int [batch, len] -> [batch, len, 256]
+
+Fixed lowrank maps (grouping "lowrank" with maps calibrated once: strictly causal) live in
+a variable collection "lowrank" beside "params" (`calibrate_lowrank_maps` below):
+
+    maps = calibrate_lowrank_maps(LM(cfg), params, calibration_tokens, group_size=4)
+    fixed = LM(cfg, attention=attention_options(group_size=4, block_q=4096, grouping="lowrank"))
+    logits = fixed.apply({**params, "lowrank": maps}, tokens)
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import distrattention_jax
+from distrattention_jax import lowrank
 
 VOCAB_SIZE = 256  # bytes
 
@@ -61,9 +69,10 @@ def attention_options(*, group_size: int, block_q: int, grouping: str,
 
 
 def causal_attention(query, key, value, attention: tuple | None,
-                     exact_implementation: str = "auto"):
+                     exact_implementation: str = "auto", lowrank_maps=None):
   """Causal self-attention, BTNH in and out. `attention` None is exact attention
-  (`jax.nn.dot_product_attention`; "auto": cuDNN on a GPU for bf16/f16, else XLA)."""
+  (`jax.nn.dot_product_attention`; "auto": cuDNN on a GPU for bf16/f16, else XLA).
+  `lowrank_maps`: fixed `(q_map [H, d, r], k_map [H, d, r])` for grouping "lowrank"."""
   if attention is None:
     implementation = exact_implementation
     if implementation == "auto":
@@ -71,8 +80,9 @@ def causal_attention(query, key, value, attention: tuple | None,
       implementation = "cudnn" if jax.default_backend() == "gpu" and gpu_dtype else "xla"
     return jax.nn.dot_product_attention(query, key, value, is_causal=True,
                                         implementation=implementation)
+  extra = {} if lowrank_maps is None else {"lowrank_maps": lowrank_maps}
   return distrattention_jax.distr_attention(query, key, value, is_causal=True,
-                                            **dict(attention))
+                                            **dict(attention), **extra)
 
 
 def rope_tables(length: int, head_dim: int, base: float):
@@ -96,6 +106,7 @@ class Block(nn.Module):
 
   config: LMConfig
   attention: Any = None
+  capture: bool = False  # sow the attention's q and k (post-RoPE) as "intermediates"
 
   @nn.compact
   def __call__(self, x, rope):
@@ -107,7 +118,13 @@ class Block(nn.Module):
                           name="qkv")(y)                       # [B, T, 3, H, d]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    o = causal_attention(q, k, v, self.attention, cfg.exact_implementation)
+    if self.capture:
+      self.sow("intermediates", "query", q)
+      self.sow("intermediates", "key", k)
+    maps = None
+    if self.has_variable("lowrank", "q_map"):
+      maps = (self.get_variable("lowrank", "q_map"), self.get_variable("lowrank", "k_map"))
+    o = causal_attention(q, k, v, self.attention, cfg.exact_implementation, maps)
     x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, dtype=dtype,
                             kernel_init=nn.initializers.normal(0.02 / cfg.num_layers ** 0.5),
                             name="out")(o)
@@ -125,6 +142,7 @@ class LM(nn.Module):
 
   config: LMConfig
   attention: Any = None  # None (exact) or a tuple from `attention_options`
+  capture: bool = False  # sow every layer's q and k (for calibrate_lowrank_maps)
 
   @nn.compact
   def __call__(self, tokens):
@@ -133,9 +151,27 @@ class LM(nn.Module):
     x = nn.Embed(VOCAB_SIZE, cfg.width, embedding_init=nn.initializers.normal(0.02),
                  name="embed")(tokens).astype(jnp.float32)  # residual stream in float32
     rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_base)
-    layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=nn.broadcast, length=cfg.num_layers)
-    x, _ = layers(cfg, self.attention, name="layers")(x, rope)
+    layers = nn.scan(Block, variable_axes={"params": 0, "lowrank": 0, "intermediates": 0},
+                     split_rngs={"params": True}, in_axes=nn.broadcast,
+                     length=cfg.num_layers)
+    x, _ = layers(cfg, self.attention, self.capture, name="layers")(x, rope)
     x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
     return nn.Dense(VOCAB_SIZE, use_bias=False, dtype=dtype, name="head")(x).astype(
         jnp.float32)
+
+
+def calibrate_lowrank_maps(model: LM, variables, tokens, *, group_size: int,
+                           per_kv_head: bool = True):
+  """The "lowrank" collection of fixed maps, one factorisation per layer and head, fitted
+  to the queries and keys (after RoPE) that exact attention sees on `tokens [B, T]`
+  (`distrattention_jax.lowrank.calibrate_lowrank_maps`). Pass it beside the parameters:
+  `model.apply({**variables, "lowrank": maps}, tokens)` with grouping "lowrank"."""
+  capture = model.clone(attention=None, capture=True)
+  _, state = capture.apply(variables, tokens, mutable=["intermediates"])
+  seen = state["intermediates"]["layers"]
+  (queries,), (keys,) = seen["query"], seen["key"]        # [layers, B, T, H, d] each
+  maps = [lowrank.calibrate_lowrank_maps(queries[i], keys[i], group_size=group_size,
+                                         per_kv_head=per_kv_head)
+          for i in range(queries.shape[0])]
+  return {"layers": {"q_map": jnp.stack([m[0] for m in maps]),
+                     "k_map": jnp.stack([m[1] for m in maps])}}

@@ -37,6 +37,10 @@ seconds (for a command with a time limit).
 Setting names: `g{G}-{grouping}-b{block_q}`, e.g. `g2-greedy-b64`, `g4-lsh-b1024`,
 `g2-lowrank-bseq` (`bseq`: one grouping per sequence, block_q = the context). Groupings
 the installed library rejects (e.g. "lowrank" before it exists) are skipped, and said so.
+Grouping `lowrankfixed` is "lowrank" with fixed maps: one factorisation per layer and
+head calibrated once on `--calibration-sequences` training windows
+(`lm.calibrate_lowrank_maps`) and held for every sequence, the strictly causal choice
+(its rows are not fine-tuned: AdamW's weight decay would move the maps).
 
 Outputs (default examples/out/lm/): summary.json, curves.png, checkpoint-*.msgpack
 (`--resume` continues an interrupted run from them), compare.* with --compare.
@@ -75,10 +79,12 @@ def log(message):
 # block; one grouping per sequence (the fast narrow kernels); lowrank where it exists.
 DEFAULT_GRID = ("g2-greedy-b64,g4-greedy-b64,g8-greedy-b64,g2-lsh-b64,g2-greedy-b1024,"
                 "g2-greedy-bseq,g2-lsh-bseq,g4-greedy-bseq,"
-                "g2-lowrank-b64,g2-lowrank-bseq,g4-lowrank-bseq")
+                "g2-lowrank-b64,g2-lowrank-bseq,g4-lowrank-bseq,"
+                "g2-lowrankfixed-bseq,g4-lowrankfixed-bseq")
 FULL_GRID = ",".join(f"g{g}-{grouping}-b{b}" for g in (2, 4, 8)
-                     for grouping in ("lsh", "greedy", "lowrank")
+                     for grouping in ("lsh", "greedy", "lowrank", "lowrankfixed")
                      for b in ("64", "1024", "seq"))
+FIXED_MAPS = "lowrankfixed"  # the grouping name of "lowrank" with calibrated fixed maps
 
 PRESETS = {
     # One H100: a few minutes of training (estimated, not yet measured: summary.json
@@ -175,7 +181,12 @@ def parse_setting(name: str, implementation=None):
     raise ValueError(f"setting {name!r} is not 'exact' or g{{G}}-{{grouping}}-b{{block_q|seq}}"
                      " (e.g. g2-greedy-b64, g4-lsh-bseq)") from None
   return {"group_size": group_size, "grouping": grouping, "block": block,
-          "implementation": implementation}
+          "implementation": implementation, "fixed_maps": grouping == FIXED_MAPS}
+
+
+def library_grouping(grouping: str) -> str:
+  """The library's grouping name of a setting's ("lowrankfixed" is "lowrank")."""
+  return "lowrank" if grouping == FIXED_MAPS else grouping
 
 
 def options_for(setting, context):
@@ -186,7 +197,7 @@ def options_for(setting, context):
   if block == "seq":
     block = 1 << max(0, (context - 1).bit_length())  # one grouping block per sequence
   return lm_lib.attention_options(group_size=setting["group_size"], block_q=block,
-                                  grouping=setting["grouping"],
+                                  grouping=library_grouping(setting["grouping"]),
                                   implementation=setting["implementation"])
 
 
@@ -194,7 +205,8 @@ def grouping_available(grouping: str) -> str | None:
   """None if distr_attention takes this grouping here, else the reason it refused."""
   q = jnp.ones((1, 16, 1, 8), jnp.float32) + jnp.arange(8, dtype=jnp.float32)
   try:
-    options = dict(lm_lib.attention_options(group_size=2, block_q=16, grouping=grouping,
+    options = dict(lm_lib.attention_options(group_size=2, block_q=16,
+                                            grouping=library_grouping(grouping),
                                             implementation="xla"))
     lm_lib.distrattention_jax.distr_attention(q, q, q, is_causal=True, **options)
   except (ValueError, NotImplementedError, TypeError) as e:
@@ -300,16 +312,17 @@ class Evaluator:
     return float(np.max(np.abs(logits[0] - logits[1])))
 
 
-def time_attention(args, attention, context, reps):
+def time_attention(args, attention, context, reps, lowrank_maps=None):
   """Forward time (s) of the model's attention alone at this context: the best of three
-  means of `reps` calls, after a compile and a warm-up call."""
+  means of `reps` calls, after a compile and a warm-up call (`lowrank_maps`: one layer's
+  fixed maps, for the fixed-map settings)."""
   model = make_model(args)
   dtype = jnp.dtype(model.config.dtype)
   bs = max(1, args.eval_batch_tokens // context)
   shape = (bs, context, args.heads, args.head_dim)
   q, k, v = (jax.random.normal(jax.random.key(i), shape, dtype) for i in range(3))
   fn = jax.jit(lambda q, k, v: lm_lib.causal_attention(
-      q, k, v, attention, model.config.exact_implementation))
+      q, k, v, attention, model.config.exact_implementation, lowrank_maps))
   fn(q, k, v).block_until_ready()  # compile
   fn(q, k, v).block_until_ready()
   best = math.inf
@@ -448,6 +461,23 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
   timings = {}
   failed = {}  # setting -> error, reported with the skipped ones
 
+  maps_by_g = {}
+
+  def with_fixed_maps(setting, row_params):
+    """`row_params` plus the "lowrank" collection for a fixed-map setting (calibrated
+    once per G on training windows), else `row_params` unchanged."""
+    if setting is None or not setting["fixed_maps"]:
+      return row_params
+    g = setting["group_size"]
+    if g not in maps_by_g:
+      tokens = sample_batch(train_stream, args.calibration_sequences, args.context,
+                            seed=args.seed + 1, step=0)[:, :-1]
+      maps_by_g[g] = lm_lib.calibrate_lowrank_maps(make_model(args), row_params,
+                                                   jnp.asarray(tokens), group_size=g)
+      log(f"  calibrated fixed lowrank maps for G={g} on {len(tokens)} training windows "
+          f"of {args.context} bytes")
+    return {**row_params, "lowrank": maps_by_g[g]}
+
   def evaluate_row(label, setting_name, setting, row_params, finetuned=False):
     row = {"setting": label, "name": setting_name, "finetuned": finetuned,
            "group_size": 1 if setting is None else setting["group_size"],
@@ -468,8 +498,11 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
       key = (setting_name, context)
       timed = args.time_all_contexts or context == headline(args, contexts)
       if timed and key not in timings:
+        maps = row_params.get("lowrank")
+        layer0 = None if maps is None else (maps["layers"]["q_map"][0],
+                                            maps["layers"]["k_map"][0])
         try:
-          timings[key] = time_attention(args, attention, context, args.timing_reps)
+          timings[key] = time_attention(args, attention, context, args.timing_reps, layer0)
         except Exception as e:  # noqa: BLE001
           if not is_oom(e):
             raise
@@ -487,8 +520,8 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
   causal_context = args.causality_context or args.context
   position = causal_context // 2 + 8
 
-  def check_causality(row, setting):
-    change = evaluator.causality(params, options_for(setting, causal_context),
+  def check_causality(row, setting, row_params):
+    change = evaluator.causality(row_params, options_for(setting, causal_context),
                                  causal_context, position)
     row["causality"] = {"context": causal_context, "position": position,
                         "max_logit_change": change, "strictly_causal": change <= 1e-6}
@@ -505,11 +538,12 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
       log(f"  {name}: {failed[name]}")
       continue
     try:
-      row = evaluate_row(name, name, setting, params)
+      row_params = with_fixed_maps(setting, params)
+      row = evaluate_row(name, name, setting, row_params)
       exact_ppl = exact_ppl or row["ppl"]
       for c, p in row["ppl"].items():
         row["ratio"][c] = (p / exact_ppl[c]) if (p and exact_ppl.get(c)) else None
-      check_causality(row, setting)
+      check_causality(row, setting, row_params)
     except Exception as e:  # noqa: BLE001  (one failing setting must not end the study)
       if setting is None:
         raise
@@ -540,6 +574,11 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
         if reason:
           log(f"fine-tune {name}: skipped ({reason})")
           continue
+      if setting is not None and setting["fixed_maps"]:
+        failed[f"{name} (fine-tuned)"] = ("not run: fixed-map settings are not fine-tuned "
+                                          "here (AdamW's weight decay would move the maps)")
+        log(f"fine-tune {name}: {failed[f'{name} (fine-tuned)']}")
+        continue
       log(f"fine-tune {name}: {args.finetune_steps} steps at context {ft_context}")
       start = time.perf_counter()
       try:
@@ -704,7 +743,10 @@ def parse_args(argv=None):
   p.add_argument("--headline-context", type=int, help="context of the plot and speed-up column")
   p.add_argument("--causality-context", type=int, default=0, help="default: --context")
   p.add_argument("--grid", help="settings swapped in post hoc, comma-separated; 'full' = "
-                 "G {2,4,8} x {lsh,greedy,lowrank} x block {64,1024,seq}")
+                 "G {2,4,8} x {lsh,greedy,lowrank,lowrankfixed} x block {64,1024,seq}")
+  p.add_argument("--calibration-sequences", type=int, default=8,
+                 help="training windows of --context bytes the fixed lowrank maps "
+                      "(grouping 'lowrankfixed') are calibrated on")
   p.add_argument("--finetune", help="settings fine-tuned with the layer in place")
   p.add_argument("--finetune-steps", type=int)
   p.add_argument("--finetune-lr", type=float)

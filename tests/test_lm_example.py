@@ -15,7 +15,8 @@ sys.path.insert(0, EXAMPLES)
 import train_lm  # noqa: E402
 
 TINY = ["--preset", "tiny", "--no-progress", "--contexts", "64",
-        "--grid", "g2-greedy-b16,g3-greedy-b16,g2-lowrank-bseq", "--finetune", "g2-greedy-b16",
+        "--grid", "g2-greedy-b16,g3-greedy-b16,g2-lowrank-bseq,g2-lowrankfixed-bseq",
+        "--finetune", "g2-greedy-b16",
         "--finetune-steps", "2", "--timing-reps", "1"]
 
 
@@ -54,13 +55,17 @@ def test_train_compare_and_resume(tmp_path):
     table = json.load(f)
   rows = {r["setting"]: r for r in table["rows"]}
   expected = {"exact", "g2-greedy-b16", "exact (fine-tuned)", "g2-greedy-b16 (fine-tuned)"}
-  if "lowrank" in grouping.grouping_names():  # the lowrank row runs once the library has it
-    expected.add("g2-lowrank-bseq")
+  if "lowrank" in grouping.grouping_names():  # the lowrank rows run once the library has it
+    expected |= {"g2-lowrank-bseq", "g2-lowrankfixed-bseq"}
   assert set(rows) == expected
   exact = rows["exact"]
   assert exact["causality"]["strictly_causal"] and exact["causality"]["max_logit_change"] == 0
-  # the per-block grouping sees rows after i in i's block
+  # the per-block grouping sees rows after i in i's block; fixed maps see nothing later
   assert not rows["g2-greedy-b16"]["causality"]["strictly_causal"]
+  if "g2-lowrankfixed-bseq" in rows:
+    fixed = rows["g2-lowrankfixed-bseq"]["causality"]
+    assert fixed["strictly_causal"] and fixed["max_logit_change"] == 0
+    assert not rows["g2-lowrank-bseq"]["causality"]["strictly_causal"]
   for row in rows.values():
     assert row["ppl"]["64"] > 1 and 0.5 < row["ratio"]["64"] < 2
   assert rows["exact"]["speedup"]["64"] == pytest.approx(1.0)
