@@ -120,8 +120,8 @@ def main(argv=None):
   variants = [v for v in VARIANTS if not args.only or _name(v) in args.only.split(",")]
   if args.quick:  # no GPU needed: the program interpreted, no compile phase
     v = (32, 8, 4, "ieee", "ieee", 2, 32)
-    variants, rows = [v], {_name(v): {"compile_s": None}}
-    rows[_name(v)].update(time_and_check(v, reps=2, n=256, heads=2, interpret=True))
+    rows = {_name(v): {"compile_s": None,
+                       **time_and_check(v, reps=2, n=256, heads=2, interpret=True)}}
     print(_name(v), rows[_name(v)], flush=True)
     return _write(rows, args)
   if args.child:

@@ -68,24 +68,19 @@ def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128, fixed=
       if impl in ms and "cudnn" in ms and (g, whole, "greedy") in cos:
         out.append({"label": f"mosaic G={g} greedy", "G": g, "grouping": "greedy",
                     "speedup": ms["cudnn"] / ms[impl], "cosine": cos[(g, whole, "greedy")]})
-  if lowrank_cost is not None:
-    for row in lowrank_cost["rows"]:
-      for g in (2, 4, 8):
-        key = f"G{g}_lowrank_e2e_fwd_bwd_ms"
-        if row.get("d") == d and row.get("n") == n and key in row and (
-            g, whole, "lowrank") in cos:
-          out.append({"label": f"mosaic G={g} lowrank", "G": g, "grouping": "lowrank",
-                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key],
-                      "cosine": cos[(g, whole, "lowrank")]})
   fixed_cos = {} if fixed is None else {r["G"]: r["mean_cos"] for r in fixed["rows"]
                                         if r["grouping"] == "lowrank_fixed"}
-  if lowrank_cost is not None:
-    for row in lowrank_cost["rows"]:
+  kinds = (  # (JSON key part, label, grouping, cosine of G)
+      ("lowrank", "lowrank", "lowrank", lambda g: cos.get((g, whole, "lowrank"))),
+      ("fixedmaps", "fixed maps", "lowrank_fixed", fixed_cos.get))
+  rows = [] if lowrank_cost is None else lowrank_cost["rows"]
+  for kind, label, grouping, cosine in kinds:
+    for row in rows:
       for g in (2, 4, 8):
-        key = f"G{g}_fixedmaps_e2e_fwd_bwd_ms"
-        if row.get("d") == d and row.get("n") == n and key in row and g in fixed_cos:
-          out.append({"label": f"mosaic G={g} fixed maps", "G": g, "grouping": "lowrank_fixed",
-                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key], "cosine": fixed_cos[g]})
+        key = f"G{g}_{kind}_e2e_fwd_bwd_ms"
+        if row.get("d") == d and row.get("n") == n and key in row and cosine(g) is not None:
+          out.append({"label": f"mosaic G={g} {label}", "G": g, "grouping": grouping,
+                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key], "cosine": cosine(g)})
   return out
 
 
