@@ -16,7 +16,8 @@ no column-by-column step):
 
 Orthonormalisation (`metric_orth`) multiplies `W` by `T ~ (C + ridge I)^(-1/2)`, where
 `C = W^T G W / |.|_F` is the `r x r` metric Gram normalised to norm 1, computed by
-Newton-Schulz polynomial iterations (`T <- T p(T^T C T)`): a handful of small matmuls
+Newton-Schulz polynomial iterations (`T <- T p(T^T C T)`, each polynomial the best for
+the range the previous ones leave): a handful of small matmuls
 instead of r sequential Gram-Schmidt steps, which made the previous program latency
 bound (1.5 ms for 16 heads at d=128 on an H100, 2026-11-25). `T^T C T` is recomputed
 from C at every iteration (not updated recursively), so rounding cannot accumulate.
@@ -45,14 +46,28 @@ from jax.experimental import pallas as pl
 HIGHEST = jax.lax.Precision.HIGHEST
 RIDGE = 1e-6        # relative to the normalised metric Gram: singular values ~1e-3
 TINY = 1e-30
-# Newton-Schulz polynomials p(y) for T <- T p(T^T C T), acting on a singular value s of
-# W in the metric as s -> s p(s^2). The quintic (coefficients of Jordan et al.'s "Muon"
-# orthogonaliser) grows small values 3.44x per iteration (5 take 1e-3 to ~1) and keeps
-# every value in [0.68, 1.2] from there; the cubic s (3 - s^2) / 2 then converges to 1.
-QUINTIC = (3.4445, -4.7750, 2.0315)
-CUBIC = (1.5, -0.5, 0.0)
-INNER_QUINTIC = 5   # iterations per orthonormalisation inside the subspace iteration
-FINAL_QUINTIC, FINAL_CUBIC = 5, 4   # the last one, which must be orthonormal to ~1e-6
+# Newton-Schulz polynomials for T <- T p(T^T C T), p(y) = a + b y + c y^2: a singular value
+# s of W in the metric goes to s p(s^2), an odd quintic. Each is the quintic closest to 1
+# in the max norm on the range the previous ones leave, starting from [0.9e-3, 1.001]
+# (the ridge keeps every s above 1e-3; |C|_F bounds the largest): the greedy sequence of
+# Amsel et al.'s "Polar Express" (arXiv 2505.16932), computed here by a linear program on
+# a fine grid (scipy.optimize.linprog, 2026-12-06; tests/test_lowrank.py checks the ranges
+# below). After k polynomials every s in [1e-3, 1] lies in:
+#   k=3: [0.127, 1.873]   k=4: [0.422, 1.578]   k=5: [0.863, 1.137]
+#   k=6: [0.9984, 1.0016]  k=7: 1 to float32 precision
+# (The previous fixed "Muon" quintic needed 5 iterations for [0.68, 1.2], plus 4 cubic
+# ones to converge: 9 instead of 7, and 5 instead of 4 inside the subspace iteration.)
+POLYNOMIALS = (
+    (8.466280, -25.050296, 18.550219),
+    (4.190192, -3.113813, 0.581190),
+    (3.989304, -2.973397, 0.565180),
+    (3.356828, -2.517058, 0.513286),
+    (2.335010, -1.699565, 0.422127),
+    (1.895002, -1.272049, 0.377212),
+    (1.874929, -1.249854, 0.374926),
+)
+INNER_ITERS = 4     # per orthonormalisation inside the subspace iteration: conditioning only
+FINAL_ITERS = 7     # the last one, whose columns must be orthonormal
 
 
 # Dot precisions: IEEE float32 (XLA and interpret mode), or three TF32 tensor-core
@@ -88,16 +103,17 @@ def _times(w, t, precision=HIGHEST):
   return tuple(wi * t for wi in w)
 
 
-def metric_orth(w, p, *, quintic: int, cubic: int = 0, precision=HIGHEST,
-                small_precision=HIGHEST):
+def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST):
   """`(w T, p T)` with `(w T)^T G (w T) ~ I`, given `p = G w` (chunked `[d, r]` each).
 
-  `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from `quintic`
-  then `cubic` Newton-Schulz iterations. Inside the subspace iteration the quintic alone
-  suffices (only the conditioning of the columns matters there); the final call adds
-  cubic iterations so the kept columns are orthonormal to ~1e-6. A zero `w` or `p`
-  gives zeros. `precision`: the d-deep products; `small_precision`: the `r x r` ones.
+  `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from the first
+  `iters` Newton-Schulz polynomials (`POLYNOMIALS`). Inside the subspace iteration a few
+  suffice (only the conditioning of the columns matters there); the final call runs all
+  seven so the kept columns are orthonormal. A zero `w` or `p` gives zeros.
+  `precision`: the d-deep products; `small_precision`: the `r x r` ones.
   """
+  if not 1 <= iters <= len(POLYNOMIALS):
+    raise ValueError(f"iters must be in [1, {len(POLYNOMIALS)}], got {iters}")
   c = _inner(w, p, precision)
   r = c.shape[0]
   norm = jnp.sqrt(_total(c * c))
@@ -110,24 +126,19 @@ def metric_orth(w, p, *, quintic: int, cubic: int = 0, precision=HIGHEST,
   y0 = (0.5 * inv_norm) * (c + c.T) + RIDGE * eye
   dot = functools.partial(_dot, precision=small_precision)
 
-  def iteration(coeffs):
-    a, b, c2 = coeffs
+  def body(i, t):
+    # Iteration i's coefficients (one loop body for all): sums of 0/1-weighted constants
+    # (a scalar `jnp.where` mixes i1 and f32 operands in the Triton lowering).
+    hits = [(i == j).astype(jnp.float32) for j in range(1, iters)]
+    a, b, c2 = (sum(h * POLYNOMIALS[j][n] for j, h in enumerate(hits, start=1))
+                for n in range(3))
+    y = dot(t.T, dot(y0, t))           # the metric Gram of w T, recomputed from y0
+    return dot(t, a * eye + b * y + c2 * dot(y, y))
 
-    def body(_, t):
-      y = dot(t.T, dot(y0, t))         # the metric Gram of w T, recomputed from y0
-      poly = a * eye + b * y
-      if c2:
-        poly = poly + c2 * dot(y, y)
-      return dot(t, poly)
-
-    return body
-
-  # The first iteration from T = I is the polynomial of y0 itself.
-  a, b, c2 = QUINTIC
+  # The first iteration, from T = I, is the polynomial of y0 itself.
+  a, b, c2 = POLYNOMIALS[0]
   t = a * eye + b * y0 + c2 * dot(y0, y0)
-  t = jax.lax.fori_loop(1, quintic, iteration(QUINTIC), t)
-  if cubic:
-    t = jax.lax.fori_loop(0, cubic, iteration(CUBIC), t)
+  t = jax.lax.fori_loop(1, iters, body, t)
   t = t * jnp.where(ok, jax.lax.rsqrt(jnp.maximum(norm, TINY)), 0.0)
   return _times(w, t, precision), _times(p, t, precision)
 
@@ -149,7 +160,7 @@ def factor_pair(gq_mul, gk_mul, z0, *, steps: int, precision=HIGHEST,
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
-  inner = functools.partial(orth, quintic=INNER_QUINTIC)
+  inner = functools.partial(orth, iters=INNER_ITERS)
 
   def half_steps(z, gz):
     p, gp = inner(gz, gq_mul(gz))            # U = Q P, P = Gk Z
@@ -162,7 +173,7 @@ def factor_pair(gq_mul, gk_mul, z0, *, steps: int, precision=HIGHEST,
   z, gz = inner(z0, gk_mul(z0))
   z, gz = jax.lax.fori_loop(0, steps - 1, step, (z, gz))
   z, gz = half_steps(z, gz)
-  z, gz = orth(z, gz, quintic=FINAL_QUINTIC, cubic=FINAL_CUBIC)  # Z^T Gk Z = I
+  z, gz = orth(z, gz, iters=FINAL_ITERS)  # Z^T Gk Z = I
   a, b = gz, z
   qa2 = sum(_total(ai * gi) for ai, gi in zip(a, gq_mul(a)))  # |Q A|^2
   kb2 = sum(_total(bi * gi) for bi, gi in zip(b, gz))         # |K B|^2 (~ kept directions)
