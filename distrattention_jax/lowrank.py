@@ -91,6 +91,7 @@ def factor_exact(gq, gk, rank):
 
 
 KERNEL_MAX_HEAD_DIM = 128  # widest head dim the fused factorisation program serves
+KERNEL_MAX_RANK = 32       # and highest rank r = d / G
 
 
 def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
@@ -104,11 +105,12 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   batch_shape = gq.shape[:-2]
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
-  if use_kernel and d > KERNEL_MAX_HEAD_DIM:
+  if use_kernel and (d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK):
     # At d=256 (r=64) the program asked for 262144 bytes of shared memory with 128-row
-    # Gram blocks (232448 on an H100) and compiled for over 125 s with 64-row blocks
-    # (2026-12-06, benchmarks/lowrank_kernel_variants.py), so wider heads run the same
-    # iteration as XLA ops (same result, more launches).
+    # Gram blocks (232448 on an H100) and compiled for over 125 s with 64-row blocks;
+    # at d=128, r=64 (G=2) it compiled for 64-107 s, once per shape (2026-12-06,
+    # benchmarks/lowrank_kernel_variants.py). So wider heads and ranks above 32 run the
+    # same iteration as XLA ops (same result, more launches).
     use_kernel = False
   if use_kernel:
     gq_flat = gq.reshape(-1, d, d)

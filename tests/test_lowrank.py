@@ -539,17 +539,19 @@ def test_gpu_parity(implementation, per_kv_head):
   assert np.all(got <= 1.05 * best + 1e-3), (got, best)
 
 
-def test_wide_heads_run_the_iteration_as_xla_ops(monkeypatch):
-  """Heads wider than KERNEL_MAX_HEAD_DIM (128) run the same iteration as XLA ops (at
-  d=256 the program overflowed an H100's shared memory or compiled for minutes)."""
+@pytest.mark.parametrize("d,rank", [(256, 64), (256, 32), (128, 64)])
+def test_wide_heads_and_high_ranks_run_the_iteration_as_xla_ops(monkeypatch, d, rank):
+  """Heads wider than KERNEL_MAX_HEAD_DIM (128) or ranks above KERNEL_MAX_RANK (32) run
+  the same iteration as XLA ops (there the program overflowed an H100's shared memory or
+  compiled for minutes)."""
   def fail(*args, **kwargs):
-    raise AssertionError("the fused program was called for d=256")
+    raise AssertionError(f"the fused program was called for d={d}, r={rank}")
   monkeypatch.setattr(lowrank_factor, "factor_grams_kernel", fail)
   rng = np.random.default_rng(41)
-  x = rng.standard_normal((2, 300, 256))
+  x = rng.standard_normal((2, 300, d))
   gq = jnp.asarray(np.einsum("btd,bte->bde", x, x), jnp.float32)
-  a, b = lowrank.factor_iter(gq, gq, 64, use_kernel=True)
-  assert a.shape == b.shape == (2, 256, 64)
+  a, b = lowrank.factor_iter(gq, gq, rank, use_kernel=True)
+  assert a.shape == b.shape == (2, d, rank)
   assert np.all(np.isfinite(np.asarray(a))) and np.all(np.isfinite(np.asarray(b)))
 
 
