@@ -12,11 +12,11 @@ out="${OUT:-benchmarks/results}"
 what="${1:-all}"
 export PYTHONUNBUFFERED=1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  # pytest-xdist (on the GPU image) compiles in parallel: the whole suite took 482 s with
-  # 6 workers on an H100 (2026-11-25); the Mosaic compiles dominate.
-  workers=$(python -c "import xdist" 2>/dev/null && echo "-n 6" || echo "-o addopts=")
+  # pytest-xdist (on the GPU image) compiles in parallel, one worker per core but two
+  # (pyproject's "-n auto", tests/conftest.py); "worksteal" evens out the long tests.
+  workers=$(python -c "import xdist" 2>/dev/null && echo "--dist worksteal" || echo "-o addopts=")
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python -m pytest -q -m gpu $workers \
-    -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+    -p no:cacheprovider --durations=25 > "$out/gpu-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/gpu-tests.log" | cut -c1-200 | tail -40
 fi
 if [ "$what" = grouping ] || [ "$what" = all ]; then
@@ -24,15 +24,17 @@ if [ "$what" = grouping ] || [ "$what" = all ]; then
     --out-dir "$out" 2>&1 | grep -v Warn | tail -26
 fi
 if [ "$what" = lowrank ] || [ "$what" = all ]; then
-  # The factorisation program's variants (compile time, speed, accuracy; compiles in
-  # parallel processes), then the pre-pass parts at G=4 (r=64 programs compile for 1-2
-  # minutes on an H100, 2026-12-06, so G=2 is left out here).
-  timeout 200 python -m benchmarks.lowrank_kernel_variants --compile-timeout 130 \
+  # The factorisation program's shipped variants (compile time, speed, accuracy; compiles
+  # in parallel processes), then at d=128, G=4 against cuDNN in one process: the Gram
+  # sizes of the pre-pass's parts, the pre-pass alone and lowrank end to end (fitted and
+  # fixed maps). (r=64 programs compile for 1-2 minutes, 2026-12-06: not run here.)
+  timeout 150 python -m benchmarks.lowrank_kernel_variants --compile-timeout 100 \
+    --only d128-r32-w4-tf32x3-ieee-s2-b128,d128-r32-w8-tf32x3-ieee-s2-b128,d64-r16-w4-tf32x3-ieee-s2-b64 \
     --out-dir "$out" > "$out/lowrank-variants.log" 2>&1
   grep -v Warn "$out/lowrank-variants.log" | grep " ms\|error" | cut -c1-260
-  timeout 170 python -m benchmarks.lowrank_cost --d 128 64 --groups 4 --steps 2 4 \
-    --out-dir "$out" > "$out/lowrank-cost.log" 2>&1
-  grep -v Warn "$out/lowrank-cost.log" | cut -c1-300 | tail -30
+  timeout 330 python -m benchmarks.prep_cost --d 128 --what e2e,parts,lowrank \
+    --out-dir "$out" > "$out/prep-d128.log" 2>&1
+  grep -h "^d=" "$out/prep-d128.log"
 fi
 if [ "$what" = prep ]; then
   # Kernel alone vs end to end (greedy, lowrank) against cuDNN, one timing method; each
