@@ -98,10 +98,8 @@ def main(argv=None):
           record(f"{tag}_greedy_e2e_fwd_bwd_ms", t(timing.loss_grad(e2e), sets))
       if "parts" in what:
         record(f"G{g}_greedy_grouping_ms", t(group, sets))
-        for chunk in (None, 512, 1024, 2048, 4096):  # partial Grams over row chunks
-          grams = jax.jit(lambda q, k, v, c=chunk: (prep.head_grams(q, args.n, row_chunk=c),
-                                                    prep.head_grams(k, args.n, row_chunk=c)))
-          record(f"grams_qk{'' if chunk is None else f'_chunk{chunk}'}_ms", t(grams, sets))
+        grams = jax.jit(lambda q, k, v: (prep.head_grams(q, args.n), prep.head_grams(k, args.n)))
+        record("grams_qk_ms", t(grams, sets))
         proj = jax.jit(lambda q, k, v, red=red: (red.q_rep(q, d ** -0.5), red.k_fused(k)))
         record(f"G{g}_project_qk_ms", t(proj, sets))
         grad_q = _grad_of(lambda q, red=red: red.q_rep(q, d ** -0.5))

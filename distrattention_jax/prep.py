@@ -15,31 +15,16 @@ import jax.numpy as jnp
 from distrattention_jax import lsh
 
 
-ROW_CHUNK = None  # rows per partial Gram (None: one product per block); see head_grams
-
-
-def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None, *,
-               row_chunk: int | None = ROW_CHUNK) -> jax.Array:
+def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None) -> jax.Array:
   """float32 `[B, H, nb, d, d]`: `X_b^T X_b` per head over each block of `block_q` rows.
 
   x: `[B, T, H, d]`, taken under stop_gradient; rows where `valid [B, T]` is False
   (padding) are left out; the last block may be short. bf16/f16 products are exact in
-  float32 (tensor cores); other dtypes are taken in float32. `row_chunk`: sum partial
-  Grams over chunks of this many rows (more, shorter products: one long sequence's few
-  `d x d` outputs otherwise leave most of a GPU idle); None: one product per block.
+  float32 (tensor cores); other dtypes are taken in float32.
   """
   x = jax.lax.stop_gradient(x)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float32)
   blocks = lsh.query_blocks(x, block_q, valid)                  # [B, nb, rows, H, d]
-  rows = blocks.shape[2]
-  hi = jax.lax.Precision.HIGHEST
-  if row_chunk is None or rows <= row_chunk:
-    return jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks, precision=hi,
-                      preferred_element_type=jnp.float32)
-  chunks = -(-rows // row_chunk)
-  blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, chunks * row_chunk - rows), (0, 0), (0, 0)))
-  blocks = blocks.reshape(blocks.shape[:2] + (chunks, row_chunk) + blocks.shape[3:])
-  partial = jnp.einsum("bnkrhc,bnkrhe->bhnkce", blocks, blocks, precision=hi,
-                       preferred_element_type=jnp.float32)
-  return partial.sum(3)
+  return jnp.einsum("bnrhc,bnrhe->bhnce", blocks, blocks, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)

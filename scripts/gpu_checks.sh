@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # pytest-xdist (on the GPU image) compiles in parallel, one worker per core but two
   # (pyproject's "-n auto", tests/conftest.py); "worksteal" evens out the long tests.
-  workers=$(python -c "import xdist" 2>/dev/null && echo "--dist worksteal" || echo "-o addopts=")
+  workers=$(python -c "import xdist" 2>/dev/null || echo "-o addopts=")
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python -m pytest -q -m gpu $workers \
     -p no:cacheprovider --durations=25 > "$out/gpu-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/gpu-tests.log" | cut -c1-200 | tail -40

@@ -9,9 +9,17 @@ from __future__ import annotations
 import os
 import warnings
 
-# pytest runs several workers (addopts "-n 2"; the GPU scripts more): on a GPU each would
-# otherwise preallocate 75% of its memory. Set before JAX starts.
+# pytest runs one worker per core (addopts "-n auto", 14 on an H100 host): on a GPU each
+# would otherwise preallocate 75% of its memory, and keep what it once used in its own pool
+# (the platform allocator hands freed memory back: without it, 14 workers ran an H100 out
+# of memory, 2026-12-06). XLA's GEMM autotuning compiles and profiles many configurations
+# of every matmul of the references: compile time the tests do not need (any
+# configuration gives a correct product), and its profiling buffers were what ran out of
+# memory. Set before JAX starts; a user's own settings win.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -112,22 +112,3 @@ def test_greedy_kernel_equals_xla_loop(d, group_size, block_q, dtype):
   assert np.all(np.sort(kernel, -1) == np.arange(d))
   assert np.mean(np.all(kernel == xla, axis=-1)) >= 0.9
 
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("block_q,row_chunk", [(100, 32), (300, 64), (300, 1000)])
-def test_head_grams_in_row_chunks_equal_one_product(dtype, block_q, row_chunk):
-  """Partial Grams over row chunks (ragged last chunk and block, padding rows) sum to the
-  one-product Gram, and both to a NumPy Gram of the real rows."""
-  from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(block_q + row_chunk)
-  x = jnp.asarray(rng.standard_normal((2, 250, 3, 16)), dtype)
-  valid = jnp.arange(250)[None] < jnp.array([[250], [201]])
-  one = prep.head_grams(x, block_q, valid)
-  chunked = prep.head_grams(x, block_q, valid, row_chunk=row_chunk)
-  np.testing.assert_allclose(chunked, one, rtol=1e-5, atol=1e-4)
-  xs = np.where(np.asarray(valid)[..., None, None], np.asarray(x.astype(jnp.float32)), 0)
-  for b in range(2):
-    for n in range(one.shape[2]):
-      rows = xs[b, n * block_q:(n + 1) * block_q]
-      np.testing.assert_allclose(one[b, :, n], np.einsum("rhc,rhe->hce", rows, rows),
-                                 rtol=1e-5, atol=1e-4)

@@ -216,7 +216,7 @@ MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
                                              "precision", "small_precision", "block_d",
                                              "interpret"))
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
-                        num_warps: int = 4, precision: str | None = None,
+                        num_warps: int = 8, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
                         interpret: bool = False):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
@@ -229,7 +229,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
     rank: r; padded to 16 inside (Triton dots need 16); the extra columns start at zero
       and stay zero (their metric Gram block is the ridge alone, uncoupled).
     num_warps: warps per program (the programs are latency-bound chains of small
-      matmuls; see docs/KERNEL_NOTES.md for the measured choice).
+      matmuls; 8: 0.181 ms vs 0.227 with 4 at d=128, r=32, 16 programs, H100,
+      2026-12-06; docs/KERNEL_NOTES.md).
     precision: "tf32x3" or "ieee" for the d-deep products (None: tf32x3 on a GPU, ieee
       when interpreted, where XLA's CPU dots have no TF32); small_precision: the same for
       the `r x r` products of the orthonormalisations.
