@@ -39,20 +39,23 @@ def main(argv=None):
   fns = {
       "ours G=1": functools.partial(dj.distr_attention, group_size=1, implementation=impl),
       "distr G=4 bq=64": functools.partial(dj.distr_attention, group_size=4, block_q=64,
-                                           implementation=impl),
+                                           implementation=impl, grouping="greedy"),
       "distr G=4 bq=1024": functools.partial(dj.distr_attention, group_size=4,
-                                             block_q=1024, implementation=impl),
+                                             block_q=1024, implementation=impl,
+                                             grouping="greedy"),
   }
   if gpu:
     fns["cudnn"] = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     fns["cudnn-distr G=4 bq=64"] = functools.partial(
-        dj.distr_attention, group_size=4, block_q=64, implementation="cudnn")
+        dj.distr_attention, group_size=4, block_q=64, implementation="cudnn",
+        grouping="greedy")
   rows = []
   for n in args.n:
     spec = jax.ShapeDtypeStruct((1, n, args.heads, args.d), jnp.bfloat16)
     if gpu:  # one grouping per sequence: the d/G-wide cuDNN call
       fns["cudnn-distr G=4 bq=N"] = functools.partial(
-          dj.distr_attention, group_size=4, block_q=n, implementation="cudnn")
+          dj.distr_attention, group_size=4, block_q=n, implementation="cudnn",
+          grouping="greedy")
     for name, fn in fns.items():
       for mode in ("fwd", "fwdbwd"):
         f = jax.jit(fn) if mode == "fwd" else timing.loss_grad(fn)

@@ -93,7 +93,8 @@ def main(argv=None):
           record(f"{tag}_mosaic_kernel_fwd_ms", t(jax.jit(kern), ksets))
           record(f"{tag}_mosaic_kernel_fwd_bwd_ms", t(timing.loss_grad(kern), ksets))
           e2e = functools.partial(dj.distr_attention, group_size=g, block_q=args.n,
-                                  is_causal=bool(causal), implementation="mosaic")
+                                  is_causal=bool(causal), implementation="mosaic",
+                                  grouping="greedy")
           record(f"{tag}_greedy_e2e_fwd_ms", t(jax.jit(e2e), sets))
           record(f"{tag}_greedy_e2e_fwd_bwd_ms", t(timing.loss_grad(e2e), sets))
       if "parts" in what:

@@ -36,7 +36,9 @@ def implementations(args, n, d, causal, gpu):
   """name -> fn(q, k, v) for everything timed at this shape."""
   impl = "pallas" if gpu else "pallas_interpret"
   fns = {}
-  distr = functools.partial(dj.distr_attention, is_causal=causal, implementation=impl)
+  # "distr": the greedy grouping ("lowrank" rows name it).
+  distr = functools.partial(dj.distr_attention, is_causal=causal, implementation=impl,
+                            grouping="greedy")
   fns["ours G=1"] = functools.partial(distr, group_size=1)
   for g in args.groups:
     if d % g == 0:
@@ -47,7 +49,8 @@ def implementations(args, n, d, causal, gpu):
   fns["xla"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                  implementation="xla")
   if gpu:
-    cudnn = functools.partial(dj.distr_attention, is_causal=causal, implementation="cudnn")
+    cudnn = functools.partial(dj.distr_attention, is_causal=causal, implementation="cudnn",
+                              grouping="greedy")
     for g in args.groups:
       if d % g == 0:
         # One grouping per sequence: the d/G-wide cuDNN call ("narrow").
@@ -55,7 +58,8 @@ def implementations(args, n, d, causal, gpu):
         # Small grouping blocks: exact cuDNN on Q_exp ("expand").
         fns[f"cudnn-distr G={g} bq={args.block_q_small}"] = functools.partial(
             cudnn, group_size=g, block_q=args.block_q_small)
-    mosaic = functools.partial(dj.distr_attention, is_causal=causal, implementation="mosaic")
+    mosaic = functools.partial(dj.distr_attention, is_causal=causal, implementation="mosaic",
+                               grouping="greedy")
     fns["mosaic G=1"] = functools.partial(mosaic, group_size=1)
     for g in args.groups:
       if d % g == 0:

@@ -151,8 +151,8 @@ def _lowrank_reference(query, key, value, masks, *, group_size, block_q, scale,
 
 
 def distr_attention_reference(
-    query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
-    grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
+    query, key, value, *, group_size=2, block_q=None, num_projs=16, representative="mean",
+    grouping="lowrank", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, perm=None, lowrank_maps=None,
     lowrank_per_kv_head=True):
   """DistrAttention, transcribed step by step from docs/DESIGN.md section 1.
@@ -160,7 +160,7 @@ def distr_attention_reference(
   Args:
     query, key, value: `[B, Tq, H, d]`, `[B, Tk, Hkv, d]`, `[B, Tk, Hkv, dv]`.
     perm: optional int `[B, H, ceil(Tq / block_q), d]` column permutations; by default
-      they are computed by `grouping.block_permutations` (greedy by default; its Pallas
+      they are computed by `grouping.block_permutations` (the greedy grouping's Pallas
       kernel when JAX's default backend is a GPU, as GPU backends of `distr_attention`
       do).
     grouping: as `distr_attention`, or "lowrank": the best rank-(d/G) factorisation of
@@ -181,9 +181,14 @@ def distr_attention_reference(
       segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths)
   lowrank = grouping == "lowrank"
-  config_lib.DistrConfig(group_size=group_size, block_q=block_q, num_projs=num_projs,
-                         representative=representative, grouping=grouping,
-                         seed=seed).validate(query.shape[-1])
+  if lowrank and perm is not None:
+    raise ValueError("perm (column permutations) belongs to the permutation groupings "
+                     "(greedy, lsh, random); grouping='lowrank' (the default) takes "
+                     "lowrank_maps. Pass grouping= with perm.")
+  block_q = config_lib.DistrConfig(
+      group_size=group_size, block_q=block_q, num_projs=num_projs,
+      representative=representative, grouping=grouping,
+      seed=seed).validate(query.shape[-1]).for_length(query.shape[1]).block_q
   ct = _compute_dtype(query.dtype)
   batch, q_len, heads, d = query.shape
   kv_len = key.shape[1]

@@ -71,6 +71,9 @@ class BackendTestBase:
 
   # -- helpers --
   def call(self, q, k, v, **kw):
+    # The cases are about the permutation groupings (greedy, as `perm` computes); lowrank
+    # has its own backend cases in tests/test_lowrank.py.
+    kw.setdefault("grouping", "greedy")
     return dj.distr_attention(q, k, v, implementation=self.implementation, **kw)
 
   def jit_call(self, **kw):
@@ -96,6 +99,7 @@ class BackendTestBase:
 
   def reference(self, q, k, v, perm, **kw):
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    kw.setdefault("grouping", "greedy")
     return jax.jit(lambda q, k, v, perm: dj.distr_attention_reference(
         q, k, v, perm=perm, **kw))(*f32, perm)
 
@@ -115,7 +119,7 @@ class BackendTestBase:
     _, q_len, kv_len, heads, kv_heads, d, dv, g, bq, rep, options = case
     q, k, v = qkv(q_len * 7 + d, self.batch, q_len, kv_len, heads, kv_heads, d, dv,
                   self.dtype)
-    kw = dict(group_size=g, block_q=bq, representative=rep,
+    kw = dict(grouping="greedy", group_size=g, block_q=bq, representative=rep,
               **self.kwargs(options, q_len, kv_len))
     if self.skip_or_refuse(options, kw, q, k, v):
       return
@@ -132,7 +136,7 @@ class BackendTestBase:
     q, k, v = qkv(q_len + 3 * d, self.batch, q_len, kv_len, heads, kv_heads, d, dv,
                   self.dtype)
     w = normal(np.random.default_rng(1), (self.batch, q_len, heads, dv))
-    kw = dict(group_size=g, block_q=bq, representative=rep,
+    kw = dict(grouping="greedy", group_size=g, block_q=bq, representative=rep,
               **self.kwargs(options, q_len, kv_len))
     if self.skip_or_refuse(options, kw, q, k, v):
       return
@@ -156,7 +160,7 @@ class BackendTestBase:
   @pytest.mark.parametrize("g,bq", [(1, 64), (4, 32), (2, 256)])
   def test_dtypes(self, dtype, g, bq):
     q, k, v = qkv(5, self.batch, 80, 70, 2, 2, 64, 64, dtype)
-    kw = dict(group_size=g, block_q=bq, is_causal=True)
+    kw = dict(grouping="greedy", group_size=g, block_q=bq, is_causal=True)
     if dtype == jnp.float32 and not self.supports_float32:
       with pytest.raises(NotImplementedError, match=self.not_supported_match["float32"]):
         self.call(q, k, v, **kw)
@@ -173,7 +177,7 @@ class BackendTestBase:
   def test_dense_mask(self):
     q, k, v = qkv(1, self.batch, 48, 40, 2, 2, 32, 32, self.dtype)
     mask = bernoulli(4, 0.7, (self.batch, 1, 48, 40)).at[0, 0, 3].set(False)
-    kw = dict(group_size=2, block_q=16, mask=mask, is_causal=True)
+    kw = dict(grouping="greedy", group_size=2, block_q=16, mask=mask, is_causal=True)
     if self.skip_or_refuse({"mask": True}, kw, q, k, v):
       return
     out = self.jit_call(**kw)(q, k, v)
@@ -216,7 +220,7 @@ class BackendTestBase:
     q, k, v = qkv(17, self.batch, 48, 40, 2, 2, 32, 32, self.dtype)
     lengths = dict(query_seq_lengths=jnp.array([48, 20][:self.batch]),
                    key_value_seq_lengths=jnp.array([40, 25][:self.batch]))
-    kw = dict(group_size=2, block_q=16, **lengths)
+    kw = dict(grouping="greedy", group_size=2, block_q=16, **lengths)
     ours = jax.jit(lambda q, k, v, seg: self.call(q, k, v, segment_ids=seg, **kw))
     ref = jax.jit(lambda q, k, v, seg, perm: dj.distr_attention_reference(
         q, k, v, segment_ids=seg, perm=perm, **kw))
@@ -247,7 +251,7 @@ class BackendTestBase:
   # -- options --
   def test_small_block_q(self):
     q, k, v = qkv(1, 1, 16, 16, 2, 2, 32, 32, self.dtype)
-    kw = dict(group_size=2, block_q=8)
+    kw = dict(grouping="greedy", group_size=2, block_q=8)
     if not self.supports_small_block_q:
       with pytest.raises(NotImplementedError, match=self.not_supported_match["small_block_q"]):
         self.call(q, k, v, **kw)

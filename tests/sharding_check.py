@@ -55,7 +55,7 @@ def check(mesh):
     qs, ks, vs = (jax.device_put(x, s) for x, s in ((q, sharding), (k, kv_sharding),
                                                    (v, kv_sharding)))
     for impl in ("xla", "pallas_interpret"):
-      kw = dict(group_size=2, block_q=16, is_causal=True, segment_ids=seg,
+      kw = dict(group_size=2, block_q=16, grouping="greedy", is_causal=True, segment_ids=seg,
                 key_value_seq_lengths=lengths, implementation=impl)
       loss = lambda q, k, v, sh: jnp.sum(jnp.sin(dj.distr_attention(  # noqa: E731
           q, k, v, sharding=sh, **kw)))

@@ -37,7 +37,8 @@ _STATIC = ("group_size", "block_q", "representative", "is_causal", "grouping", "
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _xla_and_reference(q, k, v, **kwargs):
+def _xla_and_reference(q, k, v, grouping="greedy", **kwargs):
+  kwargs["grouping"] = grouping   # these cases are about the permutation groupings
   out = attention.distr_attention(q, k, v, implementation="xla", **kwargs)
   return out, reference.distr_attention_reference(q, k, v, **kwargs)
 
@@ -81,7 +82,7 @@ def test_random_grouping_matches_reference():
 def _grads(q, k, v, ct, mask, *, group_size, block_q, representative):
   """(dq, dk, dv) of <out, ct> for the XLA path and for the reference, same `perm`."""
   kwargs = dict(group_size=group_size, block_q=block_q, representative=representative,
-                is_causal=True, mask=mask)
+                is_causal=True, mask=mask, grouping="greedy")
   perm = grouping.block_permutations(q, block_q=block_q, group_size=group_size)
 
   def loss_xla(q, k, v):
@@ -142,7 +143,7 @@ def test_check_grads_float64(representative):
     def f(q, k, v):
       return attention.distr_attention(
           q, k, v, group_size=2, block_q=4, representative=representative, is_causal=True,
-          mask=mask, implementation="xla")
+          mask=mask, implementation="xla", grouping="greedy")
 
     out = f(q, k, v)
     assert out.dtype == jnp.float64
@@ -150,7 +151,7 @@ def test_check_grads_float64(representative):
     np.testing.assert_allclose(
         out, reference.distr_attention_reference(
             q, k, v, group_size=2, block_q=4, representative=representative,
-            is_causal=True, mask=mask), atol=1e-12, rtol=1e-12)
+            is_causal=True, mask=mask, grouping="greedy"), atol=1e-12, rtol=1e-12)
     jtu.check_grads(f, (q, k, v), order=1, modes=("fwd", "rev"))
 
 
@@ -286,6 +287,32 @@ def test_config_validate_accepts_defaults_and_checks_head_dim():
     grouping.rep_weights(jnp.arange(4)[None], 2, "first")
 
 
+def test_default_is_lowrank_one_factorisation_per_sequence():
+  """The defaults (grouping "lowrank", block_q None = one block per sequence) equal the
+  explicit call, in distr_attention, the reference and the config; block_q=None resolves
+  to a power of two >= q_len (and >= 256, so every backend takes its one-block layout)."""
+  cfg = config.DistrConfig()
+  assert (cfg.grouping, cfg.block_q) == ("lowrank", None)
+  assert [config.sequence_block(n) for n in (1, 256, 257, 1000, 5000)] == [
+      256, 256, 512, 1024, 8192]
+  assert cfg.for_length(300).block_q == 512 and config.DistrConfig(block_q=64).for_length(
+      300).block_q == 64
+  q, k, v = _qkv(41, 2, 300, 280, 4, 2, 32)
+  kw = dict(group_size=4, is_causal=True, implementation="xla")
+  default = attention.distr_attention(q, k, v, **kw)
+  explicit = attention.distr_attention(q, k, v, grouping="lowrank", block_q=4096, **kw)
+  np.testing.assert_allclose(default, explicit, atol=1e-6)
+  del kw["implementation"]
+  np.testing.assert_allclose(default, reference.distr_attention_reference(q, k, v, **kw),
+                             atol=2e-5)
+  # A permutation passed with the (default) lowrank grouping is an error, not ignored.
+  perm = grouping.block_permutations(q, block_q=512, group_size=4)
+  with pytest.raises(ValueError, match="perm .* permutation groupings"):
+    reference.distr_attention_reference(q, k, v, perm=perm, **kw)
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    config.DistrConfig(block_q=0).validate()
+
+
 def test_config_is_keyword_only_and_names_backends():
   with pytest.raises(TypeError):
     config.DistrConfig(2, 64)  # pylint: disable=too-many-function-args
@@ -317,7 +344,8 @@ def test_greedy_kernel_only_for_gpu_kernel_backends(monkeypatch):
 
   monkeypatch.setattr(grouping, "block_permutations", recording)
   q, k, v = _qkv(0, 1, 32, 32, 2, 2, 16)
-  attention.distr_attention(q, k, v, group_size=2, block_q=16, implementation="xla")
+  attention.distr_attention(q, k, v, group_size=2, block_q=16, implementation="xla",
+                            grouping="greedy")
   assert seen == [False]
   assert not backends.get("triton_interpret").uses_grouping_kernel
   assert backends.get("cudnn").uses_grouping_kernel

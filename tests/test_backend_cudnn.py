@@ -128,7 +128,8 @@ def test_gpu_default_is_cudnn_and_falls_back_for_segments():
 def test_gpu_vmap_narrow_route(block_q):
   # (vmap of the expand route: BackendTestBase.test_jit_vmap_and_remat)
   q, k, v = qkv(21, 2, 512, 512, 4, 2, 64, dtype=jnp.bfloat16)
-  fn = functools.partial(_call, "cudnn", group_size=4, block_q=block_q, is_causal=True)
+  fn = functools.partial(_call, "cudnn", group_size=4, block_q=block_q, is_causal=True,
+                         grouping="greedy")
   stacked = [jnp.stack([x, x[:, ::-1]]) for x in (q, k, v)]   # an extra leading axis
   out = jax.jit(jax.vmap(fn))(*stacked)
   for i in range(2):
@@ -139,10 +140,10 @@ def test_gpu_vmap_narrow_route(block_q):
 @requires_gpu
 @pytest.mark.parametrize("block_q", [64, 4096])   # expand and narrow routes
 def test_gpu_greedy_grouping(block_q):
-  # The default grouping, same bf16 inputs on both sides (so the same permutations):
+  # The greedy grouping, same bf16 inputs on both sides (so the same permutations):
   # cuDNN against the reference given those permutations.
   q, k, v = qkv(31, 1, 1000, 1000, 4, 2, 128, dtype=jnp.bfloat16)
-  kw = dict(group_size=4, block_q=block_q, is_causal=True)
+  kw = dict(group_size=4, block_q=block_q, is_causal=True, grouping="greedy")
   out = _call("cudnn", q, k, v, **kw)
   perm = dj.block_permutations(q, block_q=block_q, group_size=4)
   ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), perm=perm,

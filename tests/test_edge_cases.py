@@ -57,7 +57,7 @@ def _qkv(batch=2, length=16, heads=2, d=16, seed=0):
 @pytest.mark.parametrize("implementation", ["xla", "pallas_interpret"])
 def test_int64_segment_ids_are_not_truncated(implementation):
   q, k, v = _qkv()
-  kw = dict(group_size=2, block_q=16, implementation=implementation)
+  kw = dict(group_size=2, block_q=16, implementation=implementation, grouping="greedy")
   two = jnp.asarray(np.repeat([[0, 1]], 8, axis=1).repeat(2, 0), jnp.int32)
   expected = dj.distr_attention(q, k, v, segment_ids=two, **kw)
   with jax.enable_x64(True):
@@ -128,7 +128,7 @@ def test_pallas_huge_logits_stay_finite_and_match_reference(group_size, block_q,
                                                              is_causal):
   q = _x((1, length, 2, 16), 0) * 1e9  # float32 logits ~1e9: one-hot attention
   k, v = _x((1, length, 2, 16), 1), _x((1, length, 2, 16), 2)
-  kw = dict(group_size=group_size, block_q=block_q, is_causal=is_causal)
+  kw = dict(group_size=group_size, block_q=block_q, is_causal=is_causal, grouping="greedy")
   out = dj.distr_attention(q, k, v, implementation="pallas_interpret", **kw)
   assert np.all(np.isfinite(out))
   np.testing.assert_allclose(out, dj.distr_attention_reference(q, k, v, **kw), atol=1e-5)
@@ -153,7 +153,8 @@ def test_pallas_huge_logits_stay_finite_and_match_reference(group_size, block_q,
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_pallas_negative_and_zero_scale(scale):
   q, k, v = _x((1, 24, 2, 16), 3), _x((1, 24, 2, 16), 4), _x((1, 24, 2, 16), 5)
-  kw = dict(group_size=2, block_q=16, scale=scale, key_value_seq_lengths=jnp.array([20]),
+  kw = dict(group_size=2, block_q=16, grouping="greedy", scale=scale,
+            key_value_seq_lengths=jnp.array([20]),
             is_causal=True)
 
   def run(impl):
@@ -176,7 +177,7 @@ def test_pallas_gather_bf16_error_matches_xla(group_size):
   q = jnp.asarray(rng.standard_normal(shape) * 10, jnp.bfloat16)  # sharp attention
   k = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  kw = dict(group_size=group_size, block_q=16)  # block_q < 256: the "gather" layout
+  kw = dict(group_size=group_size, block_q=16, grouping="greedy")  # "gather" layout
   perm = grouping.block_permutations(q, block_q=16, group_size=group_size)
   ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)),
                                      perm=perm, **kw)

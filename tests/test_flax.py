@@ -148,7 +148,8 @@ def test_nnx_calibrated_lowrank_maps_are_state_used_and_strictly_causal():
 
 
 def test_calibrate_lowrank_needs_the_lowrank_grouping():
-  layer = dj.DistrMultiHeadAttention(4, 32, group_size=2, rngs=nnx.Rngs(0), decode=False)
+  layer = dj.DistrMultiHeadAttention(4, 32, group_size=2, grouping="greedy",
+                                     rngs=nnx.Rngs(0), decode=False)
   with pytest.raises(ValueError, match="grouping='lowrank'"):
     layer.calibrate_lowrank(_x((1, 8, 32)))
 

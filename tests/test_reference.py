@@ -252,7 +252,7 @@ def test_reference_matches_numpy_loops(representative, group_size, is_causal):
   allowed = _allowed_np(batch, heads, q_len, kv_len, is_causal=is_causal)
   got = reference.distr_attention_reference(
       q, k, v, group_size=group_size, block_q=block_q, representative=representative,
-      is_causal=is_causal, perm=perm)
+      is_causal=is_causal, perm=perm, grouping="greedy")
   want = _distr_np(q, k, v, perm, group_size=group_size, block_q=block_q,
                    representative=representative, allowed=allowed)
   np.testing.assert_allclose(got, want, **F32_TOL)
@@ -260,7 +260,7 @@ def test_reference_matches_numpy_loops(representative, group_size, is_causal):
 
 @pytest.mark.parametrize("representative", ["sample", "mean"])
 def test_reference_lsh_perm_masks_matches_numpy_loops(representative):
-  """The reference's own (LSH) grouping, one block longer than q_len, masks and lengths."""
+  """The reference's own (greedy) grouping, one block longer than q_len, masks, lengths."""
   batch, q_len, kv_len, heads, kv_heads, d, block_q, group_size = 2, 11, 9, 2, 1, 16, 16, 4
   q, k, v = _qkv(5, batch, q_len, kv_len, heads, kv_heads, d)
   mask = _bernoulli(8, 0.8, (batch, 1, q_len, kv_len))
@@ -269,7 +269,7 @@ def test_reference_lsh_perm_masks_matches_numpy_loops(representative):
                 scale=0.3)
   got = reference.distr_attention_reference(
       q, k, v, group_size=group_size, block_q=block_q, representative=representative,
-      **kwargs)
+      grouping="greedy", **kwargs)
   query_valid = np.arange(q_len)[None, :] < q_lengths[:, None]
   perm = grouping.block_permutations(q, block_q=block_q, group_size=group_size,
                                      query_valid=jnp.asarray(query_valid))
@@ -285,7 +285,7 @@ def test_reference_group_size_one_is_exact():
   q, k, v = _qkv(31, 2, 21, 13, 4, 2, 16)
   perm = _random_perms(0, 2, 4, 3, 16)
   got = reference.distr_attention_reference(q, k, v, group_size=1, block_q=8, perm=perm,
-                                            is_causal=True)
+                                            is_causal=True, grouping="greedy")
   np.testing.assert_allclose(got, reference.exact_attention(q, k, v, is_causal=True),
                              **F32_TOL)
 

@@ -63,7 +63,8 @@ class Problem:
     return cls(
         batch=batch, q_len=q_len, kv_len=key.shape[1], heads=heads, kv_heads=key.shape[2],
         head_dim=head_dim, value_dim=value.shape[3], dtype=np.dtype(query.dtype),
-        config=config, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        config=config.for_length(q_len),  # block_q=None: one block per sequence
+        scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
         is_causal=masks.is_causal, has_mask=masks.mask is not None,
         has_segment_ids=masks.q_segment_ids is not None,
         has_q_lengths=masks.q_lengths is not None,
