@@ -44,6 +44,11 @@ VARIANTS = [
     # r=64 with its r x r products on tensor cores too: IEEE r x r dots are unrolled FMA
     # code 8x larger than at r=32 (untimed as of 2026-12-06)
     (128, 64, 4, "tf32x3", "tf32x3", 2, 128), (256, 64, 4, "tf32x3", "tf32x3", 2, 64),
+    # 8 warps (shipped since 2026-12-06); one-pass TF32 r x r products (the chain's
+    # latency is these products; the maps' error decides whether 10-bit mantissas do),
+    # and TF32 everywhere (untimed as of 2026-12-06)
+    (128, 32, 8, "tf32x3", "tf32", 2, 128), (128, 32, 8, "tf32", "tf32", 2, 128),
+    (64, 16, 8, "tf32x3", "ieee", 2, 64), (64, 16, 8, "tf32x3", "tf32", 2, 64),
 ]
 
 

@@ -332,11 +332,13 @@ def test_projections_match_reference_scores():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("d,rank", [(64, 8), (128, 32), (256, 64)])
-def test_kernel_lowers_for_cuda(d, rank):
+@pytest.mark.parametrize("d,rank,small_precision", [(64, 8, "ieee"), (128, 32, "ieee"),
+                                                   (256, 64, "ieee"), (128, 32, "tf32")])
+def test_kernel_lowers_for_cuda(d, rank, small_precision):
   """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
   primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
-  fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2)
+  fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2,
+                         small_precision=small_precision)
   text = lower_for_h100(fn, jax.ShapeDtypeStruct((4, d, d), jnp.float32),
                         jax.ShapeDtypeStruct((2, d, d), jnp.float32))
   assert "distr_lowrank_factor" in text

@@ -73,7 +73,9 @@ FINAL_ITERS = 7     # the last one, whose columns must be orthonormal
 # Dot precisions: IEEE float32 (XLA and interpret mode), or three TF32 tensor-core
 # products (`tf32x3`, float32-level accuracy) in the Triton program, whose IEEE dots
 # run on the FMA units as fully unrolled code (see factor_grams_kernel).
-PRECISIONS = {"ieee": HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+PRECISIONS = {"ieee": HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+              # one TF32 product (10-bit mantissas): a variant to measure, not a default
+              "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}
 
 
 def _dot(a, b, precision=HIGHEST):
