@@ -38,8 +38,8 @@ Setting names: `g{G}-{grouping}-b{block_q}`, e.g. `g2-greedy-b64`, `g4-lsh-b1024
 `g2-lowrank-bseq` (`bseq`: one grouping per sequence, block_q = the context). Groupings
 the installed library rejects (e.g. "lowrank" before it exists) are skipped, and said so.
 Grouping `lowrankfixed` is "lowrank" with fixed maps: one factorisation per layer and
-head calibrated once on `--calibration-sequences` training windows
-(`lm.calibrate_lowrank_maps`) and held for every sequence, the strictly causal choice
+head calibrated once on `--calibration-sequences` training windows of
+`--calibration-context` bytes (default: `--context`) (`lm.calibrate_lowrank_maps`) and held for every sequence, the strictly causal choice
 (its rows are not fine-tuned: AdamW's weight decay would move the maps).
 
 Outputs (default examples/out/lm/): summary.json, curves.png, checkpoint-*.msgpack
@@ -473,12 +473,13 @@ def compare(args, params, train_stream, evaluator, settings, on_update=lambda ro
       return row_params
     g = setting["group_size"]
     if g not in maps_by_g:
-      tokens = sample_batch(train_stream, args.calibration_sequences, args.context,
+      calibration_context = args.calibration_context or args.context
+      tokens = sample_batch(train_stream, args.calibration_sequences, calibration_context,
                             seed=args.seed + 1, step=0)[:, :-1]
       maps_by_g[g] = lm_lib.calibrate_lowrank_maps(make_model(args), row_params,
                                                    jnp.asarray(tokens), group_size=g)
       log(f"  calibrated fixed lowrank maps for G={g} on {len(tokens)} training windows "
-          f"of {args.context} bytes")
+          f"of {calibration_context} bytes")
     return {**row_params, "lowrank": maps_by_g[g]}
 
   def evaluate_row(label, setting_name, setting, row_params, finetuned=False):
@@ -748,8 +749,10 @@ def parse_args(argv=None):
   p.add_argument("--grid", help="settings swapped in post hoc, comma-separated; 'full' = "
                  "G {2,4,8} x {lsh,greedy,lowrank,lowrankfixed} x block {64,1024,seq}")
   p.add_argument("--calibration-sequences", type=int, default=8,
-                 help="training windows of --context bytes the fixed lowrank maps "
-                      "(grouping 'lowrankfixed') are calibrated on")
+                 help="training windows the fixed lowrank maps (grouping "
+                      "'lowrankfixed') are calibrated on")
+  p.add_argument("--calibration-context", type=int, default=0,
+                 help="bytes per calibration window (default 0: --context)")
   p.add_argument("--finetune", help="settings fine-tuned with the layer in place")
   p.add_argument("--finetune-steps", type=int)
   p.add_argument("--finetune-lr", type=float)
