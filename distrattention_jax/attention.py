@@ -41,8 +41,9 @@ def distr_attention(
   `d / group_size`: by a grouping (by exact column distance by default, "greedy"; the
   paper's LSH) where each group keeps one representative column of Q and the sum of its
   K columns, or by the best rank-(d/G) factorisation of the block's scores ("lowrank",
-  the most accurate; with `block_q=None` the measured best setting). Scores cost `d / group_size` instead of `d` per key while
-  every key is still attended and V is used in full. `group_size=1` is exact attention.
+  the most accurate; with `block_q=None` the measured best setting). Scores cost
+  `d / group_size` instead of `d` per key while every key is still attended and V is
+  used in full. `group_size=1` is exact attention.
 
   Args:
     query: `[batch, q_len, heads, d]`.

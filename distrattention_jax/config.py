@@ -16,7 +16,7 @@ from distrattention_jax import grouping as grouping_lib
 from distrattention_jax import lsh
 
 REPRESENTATIVES = ("mean", "sample")
-# block_q=None (the default) is one block per sequence, resolved per call to the smallest
+# block_q=None is one block per sequence, resolved per call to the smallest
 # power of two >= q_len and >= this (any block_q >= q_len is one block; at least 256 so
 # every backend takes its one-block layout: Triton's "blocks" needs 256).
 SEQUENCE_BLOCK_MIN = 256
