@@ -32,11 +32,17 @@ requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
   """Workers for `-n auto` (pyproject's addopts): the tests are compile-bound and each
   compile uses about one core, so one worker per core, keeping two for the controller and
-  XLA's own threads on larger hosts: 2 on CI's 2 cores, 14 on an H100 host's 16 (with 6
-  workers the GPU suite took 482 s, 2026-11-25)."""
+  XLA's own threads on larger hosts, at most 14 and one per 3 GiB of memory: 2 on CI's 2
+  cores, 14 on an H100 host's 16 (the whole GPU suite in 94 s, 2026-12-06)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   cores = cores or 1
-  return cores if cores <= 4 else cores - 2
+  workers = cores if cores <= 4 else min(cores - 2, 14)
+  try:
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    workers = min(workers, max(1, int(memory_gib // 3)))
+  except (ValueError, OSError, AttributeError):
+    pass
+  return workers
 
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
