@@ -115,8 +115,8 @@ def distr_attention(
       representative=representative, grouping=grouping, seed=seed,
       implementation=implementation,
       lowrank_per_kv_head=lowrank_per_kv_head).validate(query.shape[-1])
-  cfg = cfg.for_length(query.shape[1])  # block_q=None: one block per sequence
   problem = backends.Problem.from_call(query, key, value, masks, cfg, scale)
+  cfg = problem.config  # block_q=None resolved there: one block per sequence
   backend = backends.select(cfg.implementation, problem)
   if lowrank_maps is not None:
     lowrank_maps = _check_lowrank_maps(lowrank_maps, cfg, query, key, sharding)

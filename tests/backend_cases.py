@@ -99,7 +99,6 @@ class BackendTestBase:
 
   def reference(self, q, k, v, perm, **kw):
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
-    kw.setdefault("grouping", "greedy")
     return jax.jit(lambda q, k, v, perm: dj.distr_attention_reference(
         q, k, v, perm=perm, **kw))(*f32, perm)
 
