@@ -19,10 +19,10 @@ def distr_attention(
     value: jax.Array,
     *,
     group_size: int = 2,
-    block_q: int | None = 64,
+    block_q: int | None = None,
     num_projs: int = 16,
     representative: str = "mean",
-    grouping: str = "greedy",
+    grouping: str = "lowrank",
     seed: int = 0,
     scale: float | None = None,
     is_causal: bool = False,
@@ -38,33 +38,32 @@ def distr_attention(
   """DistrAttention: softmax attention with `Q K^T` contracted over `d / group_size`.
 
   Per block of `block_q` query rows, the `d` head-dim columns are reduced to
-  `d / group_size`: by a grouping (by exact column distance by default, "greedy"; the
-  paper's LSH) where each group keeps one representative column of Q and the sum of its
-  K columns, or by the best rank-(d/G) factorisation of the block's scores ("lowrank",
-  the most accurate; with `block_q=None` the measured best setting). Scores cost
-  `d / group_size` instead of `d` per key while every key is still attended and V is
-  used in full. `group_size=1` is exact attention.
+  `d / group_size`: by default by the best rank-(d/G) factorisation of the block's scores
+  (grouping "lowrank", one block per sequence); with a grouping (the paper's LSH, or
+  "greedy" by exact column distance) each group keeps one representative column of Q and
+  the sum of its K columns. Scores cost `d / group_size` instead of `d` per key while
+  every key is still attended and V is used in full. `group_size=1` is exact attention.
 
   Args:
     query: `[batch, q_len, heads, d]`.
     key: `[batch, kv_len, kv_heads, d]`; `heads % kv_heads == 0` (GQA/MQA).
     value: `[batch, kv_len, kv_heads, dv]`.
     group_size: columns per group G, a power of two dividing d (1 = exact).
-    block_q: query rows sharing one grouping (or factorisation), a power of two, or None:
-      one per sequence, the fast layout on our Hopper kernels. The last block may be
-      short; any block_q >= q_len is one per sequence. Smaller blocks are more accurate
-      and slower (dense per-block maps make "lowrank" with small blocks slower than exact
-      attention).
+    block_q: query rows sharing one grouping (or factorisation), a power of two, or None
+      (the default): one per sequence, the fast layout on our Hopper kernels. The last
+      block may be short; any block_q >= q_len is one per sequence. Smaller blocks are
+      more accurate and slower (dense per-block maps make "lowrank" with small blocks
+      slower than exact attention).
     num_projs: LSH projections (bits of the hash), 1..30.
     representative: "mean" (mean of the group's Q columns) or "sample" (its first
       column, as in the paper).
-    grouping: "greedy" (default: exact column distances within the block; lower output
-      error than LSH in every setting measured), "lsh" (the paper's angular LSH),
-      "random" (a control) or "lowrank": not a grouping but the best rank-(d/G)
-      factorisation of each block's scores, `(Q A)(K B)^T` with A, B `[d, d/G]` fitted
-      per (batch, head, block) to the block's real rows and the real keys
+    grouping: "lowrank" (default): not a grouping but the best rank-(d/G) factorisation
+      of each block's scores, `(Q A)(K B)^T` with A, B `[d, d/G]` fitted per (batch,
+      head, block) to the block's real rows and the real keys
       (`distrattention_jax.lowrank`; the most accurate setting in every measurement,
-      README "Accuracy"). Like the paper's per-block grouping, fitted maps look at
+      README "Accuracy"); "greedy" (exact column distances within the block; lower
+      output error than LSH in every setting measured), "lsh" (the paper's angular LSH)
+      or "random" (a control). Like the paper's per-block grouping, fitted maps look at
       every row of the block: with `is_causal` a query's output can depend on later
       tokens through A and B. For autoregressive models pass fixed `lowrank_maps`.
     seed: seed of the LSH projections (or of the random grouping).

@@ -151,8 +151,8 @@ def _lowrank_reference(query, key, value, masks, *, group_size, block_q, scale,
 
 
 def distr_attention_reference(
-    query, key, value, *, group_size=2, block_q=64, num_projs=16, representative="mean",
-    grouping="greedy", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
+    query, key, value, *, group_size=2, block_q=None, num_projs=16, representative="mean",
+    grouping="lowrank", seed=0, scale=None, is_causal=False, mask=None, segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, perm=None, lowrank_maps=None,
     lowrank_per_kv_head=True):
   """DistrAttention, transcribed step by step from docs/DESIGN.md section 1.

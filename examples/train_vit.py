@@ -6,12 +6,14 @@ Config (the main job, runs on a CPU in a few minutes; on a GPU the Pallas kernel
 
 trains the same ViT (width 64, depth 4, 4 heads of 16 dims, 2x2 patches -> 16 tokens +
 [cls]) on scikit-learn's handwritten digits (1,797 8x8 images, fixed 80/20 split) twice,
-with exact attention and with DistrAttention (G=2, block_q=16, "mean", greedy grouping),
+with exact attention and with DistrAttention (the library's defaults: G=2, grouping
+"lowrank", one factorisation per sequence),
 and writes `examples/out/summary.json`, `examples/out/curves.png` and a checkpoint per
 run (`examples/out/checkpoint-{exact,distr}/state.msgpack`, used by `--resume`).
-Expected (2-core CPU, XLA path, seed 0, jax 0.12.0.1, 2026-11-25): exact test accuracy
-0.936, DistrAttention 0.942 (`--grouping lsh`: 0.944), about 120 s of CPU time; other
-jax versions give other figures (README).
+Expected (2-core CPU, XLA path, seed 0, jax 0.12.0.1, 2026-12-06): exact test accuracy
+0.936, DistrAttention 0.936 (2026-11-25: `--grouping greedy --block-q 16` 0.942,
+`--grouping lsh --block-q 16` 0.944), about 75 s of CPU time; other jax versions give
+other figures (README).
 
 Other data: `--dataset cifar10 --data-dir DIR` reads the CIFAR-10 python batches
 (data_batch_1..5, test_batch) from DIR. `--devices N` trains data-parallel over N local
@@ -81,9 +83,11 @@ def parse_args(argv=None):
   p.add_argument("--attention", choices=["distr", "exact"], default="distr")
   p.add_argument("--compare", action="store_true", help="train exact and distr, same seed")
   p.add_argument("--group-size", type=int, default=2)
-  p.add_argument("--block-q", type=int, default=16)
+  p.add_argument("--block-q", type=lambda s: None if s.lower() == "none" else int(s),
+                 default=None, help="query rows per grouping block; none (default): one "
+                                    "per sequence")
   p.add_argument("--representative", default="mean", choices=["mean", "sample"])
-  p.add_argument("--grouping", default="greedy",
+  p.add_argument("--grouping", default="lowrank",
                  choices=list(grouping_lib.grouping_names()))
   p.add_argument("--implementation", default=None,
                  help="None (auto: cudnn or pallas on a GPU, xla on a CPU), xla, cudnn, pallas, "

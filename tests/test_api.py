@@ -287,26 +287,25 @@ def test_config_validate_accepts_defaults_and_checks_head_dim():
     grouping.rep_weights(jnp.arange(4)[None], 2, "first")
 
 
-def test_block_q_none_is_one_block_per_sequence():
-  """block_q=None (one block per sequence) equals an explicit block_q >= q_len, in
-  distr_attention, the reference and the config: it resolves to a power of two >= q_len
-  (and >= 256, so every backend takes its one-block layout)."""
-  cfg = config.DistrConfig(grouping="lowrank", block_q=None).validate()
-  assert (config.DistrConfig().grouping, config.DistrConfig().block_q) == ("greedy", 64)
+def test_default_is_lowrank_one_factorisation_per_sequence():
+  """The defaults (grouping "lowrank", block_q None = one block per sequence) equal the
+  explicit call, in distr_attention, the reference and the config; block_q=None resolves
+  to a power of two >= q_len (and >= 256, so every backend takes its one-block layout)."""
+  cfg = config.DistrConfig()
+  assert (cfg.grouping, cfg.block_q) == ("lowrank", None)
   assert [config.sequence_block(n) for n in (1, 256, 257, 1000, 5000)] == [
       256, 256, 512, 1024, 8192]
   assert cfg.for_length(300).block_q == 512 and config.DistrConfig(block_q=64).for_length(
       300).block_q == 64
   q, k, v = _qkv(41, 2, 300, 280, 4, 2, 32)
-  kw = dict(group_size=4, is_causal=True, implementation="xla", grouping="lowrank",
-            block_q=None)
+  kw = dict(group_size=4, is_causal=True, implementation="xla")
   default = attention.distr_attention(q, k, v, **kw)
-  explicit = attention.distr_attention(q, k, v, **{**kw, "block_q": 4096})
+  explicit = attention.distr_attention(q, k, v, grouping="lowrank", block_q=4096, **kw)
   np.testing.assert_allclose(default, explicit, atol=1e-6)
   del kw["implementation"]
   np.testing.assert_allclose(default, reference.distr_attention_reference(q, k, v, **kw),
                              atol=2e-5)
-  # A permutation passed with the lowrank grouping is an error, not ignored.
+  # A permutation passed with the (default) lowrank grouping is an error, not ignored.
   perm = grouping.block_permutations(q, block_q=512, group_size=4)
   with pytest.raises(ValueError, match="perm .* permutation groupings"):
     reference.distr_attention_reference(q, k, v, perm=perm, **kw)

@@ -541,29 +541,27 @@ def test_gpu_parity(implementation, per_kv_head):
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("length,d,heads,kv_heads,backend", [
     (1000, 64, 4, 2, "cudnn"), (16384, 128, 2, 1, "mosaic")])
-def test_gpu_lowrank_per_sequence_picks_the_fast_backend(length, d, heads, kv_heads, backend):
-  """The recommended setting, `grouping="lowrank", block_q=None` (one factorisation per
-  sequence), with implementation None on a GPU: the backend None picks (cuDNN's narrow
-  route; our Mosaic kernels from 16384 keys on Hopper), and the result against the
-  float32 reference with the same maps."""
+def test_gpu_default_call(length, d, heads, kv_heads, backend):
+  """`distr_attention(q, k, v, group_size=4)` with every other option at its default
+  (lowrank, one factorisation per sequence, implementation None) on a GPU: the backend
+  None picks (cuDNN's narrow route; our Mosaic kernels from 16384 keys on Hopper), and
+  the result against the float32 reference with the same maps."""
   from distrattention_jax import backends, config  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(length + d)
   q, k = _structured(rng, 1, length, heads, d, kv_heads=kv_heads)
   v = jnp.asarray(rng.standard_normal((1, length, kv_heads, d)), jnp.float32)
   q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
   problem = backends.Problem.from_call(q16, k16, v16, config.Masks(is_causal=True),
-                                       config.DistrConfig(group_size=4, grouping="lowrank",
-                                                          block_q=None).validate(d), None)
+                                       config.DistrConfig(group_size=4).validate(d), None)
   if backend == "mosaic" and "H100" not in jax.devices()[0].device_kind \
       and "H200" not in jax.devices()[0].device_kind:
     pytest.skip("mosaic is preferred on Hopper only")
   assert backends.select(None, problem).name == backend
-  out = jax.jit(lambda q, k, v: dj.distr_attention(
-      q, k, v, group_size=4, is_causal=True, grouping="lowrank", block_q=None))(q16, k16, v16)
+  out = jax.jit(lambda q, k, v: dj.distr_attention(q, k, v, group_size=4, is_causal=True))(
+      q16, k16, v16)
   maps = lowrank.lowrank_maps(q16, k16, block_q=length, group_size=4, per_kv_head=True)
   ref = dj.distr_attention_reference(*(x.astype(jnp.float32) for x in (q16, k16, v16)),
-                                     group_size=4, is_causal=True, grouping="lowrank",
-                                     block_q=None, lowrank_maps=maps)
+                                     group_size=4, is_causal=True, lowrank_maps=maps)
   err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   assert err < 2e-2, err
 
