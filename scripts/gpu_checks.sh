@@ -4,7 +4,7 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|prep|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|all]
 # Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
 # prints its whole module, which would fill a device call's output).
 set -uo pipefail
@@ -29,12 +29,19 @@ if [ "$what" = lowrank ] || [ "$what" = all ]; then
   # sizes of the pre-pass's parts, the pre-pass alone and lowrank end to end (fitted and
   # fixed maps). (r=64 programs compile for 1-2 minutes, 2026-12-06: not run here.)
   timeout 150 python -m benchmarks.lowrank_kernel_variants --compile-timeout 100 \
-    --only d128-r32-w8-tf32x3-ieee-s2-b128,d128-r32-w8-tf32x3-tf32-s2-b128,d128-r32-w8-tf32-tf32-s2-b128,d64-r16-w8-tf32x3-ieee-s2-b64,d64-r16-w8-tf32x3-tf32-s2-b64 \
+    --only d128-r32-w8-tf32x3-ieee-s2-b128,d128-r32-w8-tf32x3-tf32-s2-b128,d128-r32-w8-tf32-tf32-s2-b128,d64-r16-w8-tf32x3-ieee-s2-b64,d64-r16-w8-tf32x3-tf32-s2-b64,d128-r32-w8-tf32x3-ieee-s2-b128-i3-f7,d128-r32-w8-tf32x3-ieee-s2-b128-i4-f6,d128-r32-w8-tf32x3-ieee-s2-b128-i3-f6 \
     --out-dir "$out" > "$out/lowrank-variants.log" 2>&1
   grep -v Warn "$out/lowrank-variants.log" | grep " ms\|error" | cut -c1-260
   timeout 330 python -m benchmarks.prep_cost --d 128 --what e2e,parts,lowrank \
     --out-dir "$out" > "$out/prep-d128.log" 2>&1
   grep -h "^d=" "$out/prep-d128.log"
+fi
+if [ "$what" = profile ] || [ "$what" = all ]; then
+  # Per-kernel GPU time of one call (profiler trace): cuDNN, the Mosaic kernel alone,
+  # greedy / lowrank / fixed maps end to end (d=128, G=4, 16K tokens, forward).
+  timeout 200 python -m benchmarks.kernel_profile --out-dir "$out" \
+    > "$out/kernel-profile.log" 2>&1
+  grep -v Warn "$out/kernel-profile.log" | cut -c1-150 | head -80
 fi
 if [ "$what" = prep ]; then
   # Kernel alone vs end to end (greedy, lowrank) against cuDNN, one timing method; each

@@ -66,3 +66,14 @@ def test_prep_cost_quick(tmp_path):
   (path,) = os.listdir(tmp_path)
   (row,) = json.load(open(tmp_path / path))["rows"]
   assert row["G4_lowrank_prepass_ms"] > 0 and row["grams_qk_ms"] > 0
+
+
+def test_kernel_profile_quick(tmp_path):
+  """The profiler trace is parsed into per-op times (on a CPU: the host's XLA ops)."""
+  from benchmarks import kernel_profile
+  kernel_profile.main(["--quick", "--out-dir", str(tmp_path)])
+  (path,) = os.listdir(tmp_path)
+  rows = json.load(open(tmp_path / path))["rows"]
+  assert set(rows) == {"cudnn", "lowrank"}
+  for row in rows.values():
+    assert row["wall_ms"] > 0 and row["busy_ms"] > 0 and row["kernels_ms"], row
