@@ -31,7 +31,9 @@ import numpy as np
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
-# (d, r, num_warps, precision of the d-deep products, of the r x r ones, steps, block_d)
+# (d, r, num_warps, precision of the d-deep products, of the r x r ones, steps, block_d
+#  [, Newton-Schulz polynomials per inner orthonormalisation, in the final one
+#   [, whether the random start is orthonormalised]])
 VARIANTS = [
     (128, 32, 4, "tf32x3", "ieee", 4, 128), (128, 32, 4, "tf32x3", "ieee", 2, 128),
     (128, 32, 4, "tf32x3", "tf32x3", 2, 128), (128, 32, 2, "tf32x3", "ieee", 2, 128),
@@ -49,11 +51,31 @@ VARIANTS = [
     # and TF32 everywhere (untimed as of 2026-12-06)
     (128, 32, 8, "tf32x3", "tf32", 2, 128), (128, 32, 8, "tf32", "tf32", 2, 128),
     (64, 16, 8, "tf32x3", "ieee", 2, 64), (64, 16, 8, "tf32x3", "tf32", 2, 64),
+    # shorter chains (untimed as of 2026-12-06): 3 inner polynomials (CPU: lost accuracy
+    # at r=64, which runs the XLA iteration now, and on steep spectra) / 6 final ones
+    # (singular values within 1.6e-3 of 1)
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 7), (128, 32, 8, "tf32x3", "ieee", 2, 128, 4, 6),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 6),
+    # the random start not orthonormalised (CPU: the same error on structured and steep
+    # data): 19 / 15 iterations instead of 23 (untimed as of 2026-12-06)
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, 4, 7, False),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 6, False),
+    (64, 16, 8, "tf32x3", "ieee", 2, 64, 3, 6, False),
 ]
 
 
+def _full(v):
+  """The variant with its Newton-Schulz counts filled in."""
+  from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
+  return tuple(v) + (lowrank_factor.INNER_ITERS, lowrank_factor.FINAL_ITERS,
+                     lowrank_factor.START_ORTH)[len(v) - 7:]
+
+
 def _name(v):
-  return "d{}-r{}-w{}-{}-{}-s{}-b{}".format(*v)
+  name = "d{}-r{}-w{}-{}-{}-s{}-b{}".format(*v[:7])
+  if len(v) > 7:
+    name += "-i{}-f{}".format(*v[7:9])
+  return name + ("-nostart" if len(v) > 9 and not v[9] else "")
 
 
 def _data(d, n=2048, heads=16, seed=0):
@@ -68,11 +90,35 @@ def _data(d, n=2048, heads=16, seed=0):
 
 def _fn(v, interpret=False):
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
-  d, r, warps, precision, small, steps, block_d = v
+  d, r, warps, precision, small, steps, block_d, inner, final, start = _full(v)
   del d
   return jax.jit(lambda gq, gk: lowrank_factor.factor_grams_kernel(
       gq, gk, rank=r, steps=steps, num_warps=warps, precision=precision,
-      small_precision=small, block_d=block_d, interpret=interpret))
+      small_precision=small, block_d=block_d, inner_iters=inner, final_iters=final,
+      start_orth=start, interpret=interpret))
+
+
+def _steep(d, n=512, heads=4, alpha=2.0, seed=0):
+  """Q, K `[heads, n, d]` with singular values falling as i^-alpha (a ~1e6 range within
+  r at alpha=2) and a shared key mean: where shorter Newton-Schulz chains lose first."""
+  rng = np.random.default_rng(seed + 10 * d)
+  sv = np.arange(1, d + 1) ** -alpha
+  def one():
+    return (rng.standard_normal((n, d)) * sv) @ np.linalg.qr(rng.standard_normal((d, d)))[0]
+  q = np.stack([one() for _ in range(heads)])
+  k = np.stack([one() + 3.0 * rng.standard_normal(d) for _ in range(heads)])
+  return q, k
+
+
+def _rel_errors(q, k, a, b, rank, heads=4):
+  """Mean relative score error of the maps and of the optimum over the first heads."""
+  rel, best = [], []
+  for h in range(min(heads, q.shape[0])):
+    s = q[h] @ k[h].T
+    sv = np.linalg.svd(s, compute_uv=False)
+    rel.append(np.linalg.norm((q[h] @ a[h]) @ (k[h] @ b[h]).T - s) / np.linalg.norm(s))
+    best.append(np.sqrt(np.sum(sv[rank:] ** 2)) / np.linalg.norm(s))
+  return float(np.mean(rel)), float(np.mean(best))
 
 
 def _grams(q, k):
@@ -101,16 +147,21 @@ def time_and_check(v, reps=20, n=2048, heads=16, interpret=False):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(gq, gk))
     times.append(time.perf_counter() - t0)
+  gpu_ms = None
+  if not interpret:  # the program's own GPU time (the wall median carries launch + sync)
+    from benchmarks import kernel_profile  # pylint: disable=import-outside-toplevel
+    totals, _ = kernel_profile.device_kernel_times(fn, (gq, gk), reps)
+    gpu_ms = sum(totals.values()) / reps / 1e6
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  rel, best = [], []
-  for h in range(min(4, heads)):
-    s = q[h] @ k[h].T
-    sv = np.linalg.svd(s, compute_uv=False)
-    rel.append(np.linalg.norm((q[h] @ a[h]) @ (k[h] @ b[h]).T - s) / np.linalg.norm(s))
-    best.append(np.sqrt(np.sum(sv[v[1]:] ** 2)) / np.linalg.norm(s))
-  return {"first_call_s": first, "ms": 1e3 * float(np.median(times)),
-          "rel_error": float(np.mean(rel)), "optimum": float(np.mean(best)),
-          "finite": bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))}
+  rel, best = _rel_errors(q, k, a, b, v[1])
+  qs, ks = _steep(v[0], n=min(n, 512), heads=min(heads, 4))
+  sa, sb = (np.asarray(x, np.float64) for x in fn(*_grams(qs, ks)))
+  steep, steep_best = _rel_errors(qs, ks, sa, sb, v[1])
+  return {"first_call_s": first, "ms": 1e3 * float(np.median(times)), "gpu_ms": gpu_ms,
+          "rel_error": rel, "optimum": best, "steep_rel_error": steep,
+          "steep_optimum": steep_best,
+          "finite": bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+                         and np.all(np.isfinite(sa)) and np.all(np.isfinite(sb)))}
 
 
 def main(argv=None):
