@@ -163,24 +163,6 @@ def test_k_fused_per_grouping_block(r, dv, causal, dtype, heads, k_heads, v_head
     _check(g, g_ref, name, 2 * tol)
 
 
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.xfail(strict=True, reason=(
-    "the overlap variant (off by default, not shipped) misses the lse tolerance: rel L2 "
-    "1.31e-3 > 1e-3, worst 3.4e-3, non-causal, H100 2026-11-25; the output passed 1e-2"))
-@pytest.mark.parametrize("block_kv", [64])
-def test_forward_overlap_variant(block_kv):
-  """Tiles.overlap (FA3 intra-warpgroup overlap), causal with a ragged last kv tile."""
-  q, k, v, _ = _inputs(5 + block_kv, 1000, 900, 4, 4, 2, 32, 128, jnp.bfloat16)
-  tiles = dataclasses.replace(mosaic_tiles.pick_tiles(32, 128, jnp.bfloat16), overlap=True,
-                              block_kv=block_kv)
-  for causal in (False, True):
-    out, lse = mosaic.forward(q, k, v, causal=causal, tiles=tiles)
-    out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
-    _check(out, out_ref, f"out causal={causal}", 1e-2)
-    _check(lse, lse_ref, f"lse causal={causal}", 1e-3)
-
-
 def test_tiles_are_validated():
   with pytest.raises(ValueError):
     mosaic_tiles.Tiles(block_kv=96)
@@ -226,15 +208,3 @@ def test_blocked_lowers_for_cuda_on_cpu(causal):
   # full blocks share one jitted function and the short last block has its own; causal,
   # every block has its own query offset.
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (8 if causal else 4)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_overlap_variant_lowers_for_cuda_on_cpu(causal):
-  tiles = dataclasses.replace(mosaic_tiles.pick_tiles(32, 128, jnp.bfloat16), overlap=True,
-                              block_kv=64)
-  args = (jax.ShapeDtypeStruct((1, 1000, 4, 32), jnp.bfloat16),
-          jax.ShapeDtypeStruct((1, 900, 2, 32), jnp.bfloat16),
-          jax.ShapeDtypeStruct((1, 900, 2, 128), jnp.bfloat16))
-  text = lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=causal, tiles=tiles),
-                        *args)
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

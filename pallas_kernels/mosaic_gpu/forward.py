@@ -148,89 +148,15 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-      def overlapped_loop(acc, m_i, l_i, wg_tiles, plain_tiles):
-        """FlashAttention-3's intra-warpgroup overlap (variant, Tiles.overlap): step t
-        issues S(t+1) = Q_rep K(t+1)^T, computes the softmax of S(t) while that wgmma
-        runs, then issues O += P(t) V(t). S(t) and S(t+1) are live together."""
-        def softmax(t, s, acc, m_i, l_i, masked):
-          if masked:
-            rows = q_pos + common.iota(s.shape, 0)
-            cols = t * block_kv + common.iota(s.shape, 1)
-            valid = None
-            if causal:
-              valid = cols <= rows
-            if kv_tail:
-              in_len = cols < kv_len
-              valid = in_len if valid is None else jnp.logical_and(valid, in_len)
-            s = jnp.where(valid, s, MASKED)
-          m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
-          alpha = jnp.exp2(m_i - m_new)
-          p = jnp.exp2(s * LOG2E - common.row_bcast(m_new, s.shape))
-          acc = acc * common.row_bcast(alpha, acc.shape)
-          l_i = l_i * alpha + p.sum(axis=1)
-          return acc, m_new, l_i, p.astype(dtype)
-
-        def step(t, carry, *, masked, has_next):
-          acc, m_i, l_i, s_cur = carry
-          slot = lax.rem(t, i32(stages))
-          plgpu.barrier_arrive(k_free.at[slot])  # S(t) was completed in the last step
-
-          def body(s_next_ref):
-            if has_next:
-              nxt = lax.rem(t + 1, i32(stages))
-              plgpu.barrier_wait(k_loaded.at[nxt])
-              plgpu.wgmma(s_next_ref, q_smem, k_smems.at[nxt].T)
-            schedule_sync()
-            acc2, m_new, l_new, p_lo = softmax(t, s_cur, acc, m_i, l_i, masked)
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_loaded.at[slot])
-            plgpu.barrier_wait(schedule)
-
-            def pv(acc_ref):
-              plgpu.wgmma(acc_ref, p_lo, v_smems.at[slot])
-            acc2 = pl.run_state(pv)(plgpu.ACC.init(acc2))
-            return acc2, m_new, l_new, s_next_ref[...]
-          acc, m_i, l_i, s_next = pl.run_scoped(
-              body, plgpu.ACC((block_q, block_kv), jnp.float32))
-          plgpu.barrier_arrive(v_free.at[slot])
-          return acc, m_i, l_i, s_next
-
-        def first_scores(s_ref):  # S(0); K(0) was waited for above
-          plgpu.wgmma(s_ref, q_smem, k_smems.at[0].T)
-          return s_ref[...]
-        s0 = pl.run_scoped(first_scores, plgpu.ACC((block_q, block_kv), jnp.float32))
-        carry = (acc, m_i, l_i, s0)
-        last = wg_tiles - 1
-        plain_next = jnp.minimum(plain_tiles, last) if causal else min(plain_tiles, last)
-        carry = lax.fori_loop(
-            0, plain_next, lambda t, c: step(t, c, masked=False, has_next=True), carry)
-        if causal or kv_tail:
-          carry = lax.fori_loop(
-              plain_next, last, lambda t, c: step(t, c, masked=True, has_next=True), carry)
-          if causal:
-            carry = lax.cond(
-                last >= plain_tiles,
-                lambda: step(last, carry, masked=True, has_next=False),
-                lambda: step(last, carry, masked=False, has_next=False))
-          else:
-            carry = step(last, carry, masked=True, has_next=False)
-        else:
-          carry = step(last, carry, masked=False, has_next=False)
-        return carry[:3]
-
-      if tiles.overlap:
-        acc, m_i, l_i = overlapped_loop(acc, m_i, l_i, wg_tiles, plain_tiles)
-      else:
-        carry = (acc, m_i, l_i)
-        carry = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False),
-                              carry)
-        if causal or kv_tail:
-          carry = lax.cond(
-              plain_tiles < wg_tiles,
-              lambda: lax.fori_loop(plain_tiles, wg_tiles,
-                                    lambda t, c: kv_step(t, c, masked=True), carry),
-              lambda: carry)
-        acc, m_i, l_i = carry
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False), carry)
+      if causal or kv_tail:
+        carry = lax.cond(
+            plain_tiles < wg_tiles,
+            lambda: lax.fori_loop(plain_tiles, wg_tiles,
+                                  lambda t, c: kv_step(t, c, masked=True), carry),
+            lambda: carry)
+      acc, m_i, l_i = carry
 
       if causal:
         # Tiles streamed for the other warpgroup only: wait for each (so the mbarrier

@@ -31,9 +31,6 @@ class Tiles:
   stages_bwd: int = 2
   # Backward as one kernel (dK/dV + dQ by float32 TMA reduce-add) instead of two.
   fused_bwd: bool = False
-  # Forward variant: FlashAttention-3's intra-warpgroup overlap (the next tile's QK^T in
-  # flight during this tile's softmax). Lowers on the CPU; not yet measured on a GPU.
-  overlap: bool = False
 
   def __post_init__(self):
     # wgmma works on 64-row warpgroup tiles; the key tiles are wgmma N/K dims.
