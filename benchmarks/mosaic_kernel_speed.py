@@ -27,7 +27,8 @@ def _groups():
   """name -> list of (label, d, G, tiles overrides or None); G=0 means cuDNN."""
   ours = lambda d, gs: [(f"ours d={d} G={g}", d, g, None) for g in gs]
   return {
-      "cudnn": [("cudnn d=128", 128, 0, None), ("cudnn d=256", 256, 0, None)],
+      "cudnn": [("cudnn d=64", 64, 0, None), ("cudnn d=128", 128, 0, None),
+                ("cudnn d=256", 256, 0, None)],
       "d128": ours(128, (1, 2, 4, 8)),
       "d256": ours(256, (2, 4, 8)),
       # Backward variants (timed forward+backward only).
@@ -46,6 +47,13 @@ def _groups():
           ("d=128 G=4 block_kv=256", 128, 4, {"block_kv": 256}),
           ("d=128 G=8", 128, 8, None),
           ("d=128 G=8 block_kv=256", 128, 8, {"block_kv": 256}),
+      ],
+      # The same at d=64 (shipped: block_kv=256 for r <= 32), forward only.
+      "fwd_block_kv_d64": [
+          ("d=64 G=2", 64, 2, None),
+          ("d=64 G=2 block_kv=128", 64, 2, {"block_kv": 128}),
+          ("d=64 G=4", 64, 4, None),
+          ("d=64 G=4 block_kv=128", 64, 4, {"block_kv": 128}),
       ],
       # Forward variants (timed forward only).
       "fwd_variants": [
@@ -101,7 +109,7 @@ def run_group(name, modes, out_path):
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
       group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"],
-                     "fwd_block_kv": ["fwd"]}.get(name, modes)
+                     "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"]}.get(name, modes)
       for mode in group_modes:
         args = (q, k, v) if mode == "fwd" else (q, k, v, do)
         row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,
