@@ -52,28 +52,33 @@ def points(speed, pretrained, n=16384, d=128):
 
 
 def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128, fixed=None):
-  """The Mosaic path, one grouping per sequence: greedy from the end-to-end speed run
-  (`speed-mosaic-e2e-*.json`), lowrank fitted per sequence and lowrank with fixed
-  (calibrated) maps from `prep-cost-*-lowrank-d128.json` (each ratio to the cuDNN time of
-  its own run); the fixed maps' cosine from `fixed` (`pretrained-minilm-iter-fixed-*`)."""
+  """The Mosaic path, one grouping per sequence: greedy, lowrank fitted per sequence and
+  lowrank with fixed (calibrated) maps from `prep-cost-*-lowrank-d128.json` (each ratio to
+  the cuDNN time of its own run), greedy at the G it lacks from the end-to-end speed run
+  (`speed-mosaic-e2e-*.json`); the fixed maps' cosine from `fixed`
+  (`pretrained-minilm-iter-fixed-*`)."""
   cos = {(r["G"], r["block_q"], r["grouping"]): r["mean_cos"] for r in pretrained["rows"]
          if r["representative"] == "mean"}
   whole = max(r["block_q"] for r in pretrained["rows"])
   out = []
+  rows = [] if lowrank_cost is None else lowrank_cost["rows"]
+  same_run_greedy = {g for row in rows for g in (2, 4, 8)
+                     if f"G{g}_greedy_e2e_fwd_bwd_ms" in row and row.get("d") == d}
   if mosaic_speed is not None:
     ms = {r["impl"]: r["ms"] for r in mosaic_speed["rows"] if r["n"] == n and r["d"] == d
           and not r["causal"] and r["mode"] == "fwdbwd" and r["ms"]}
     for g in (2, 4, 8):
       impl = f"mosaic-distr G={g} bq=N"
-      if impl in ms and "cudnn" in ms and (g, whole, "greedy") in cos:
+      if (impl in ms and "cudnn" in ms and (g, whole, "greedy") in cos
+          and g not in same_run_greedy):
         out.append({"label": f"mosaic G={g} greedy", "G": g, "grouping": "greedy",
                     "speedup": ms["cudnn"] / ms[impl], "cosine": cos[(g, whole, "greedy")]})
   fixed_cos = {} if fixed is None else {r["G"]: r["mean_cos"] for r in fixed["rows"]
                                         if r["grouping"] == "lowrank_fixed"}
   kinds = (  # (JSON key part, label, grouping, cosine of G)
+      ("greedy", "greedy", "greedy", lambda g: cos.get((g, whole, "greedy"))),
       ("lowrank", "lowrank", "lowrank", lambda g: cos.get((g, whole, "lowrank"))),
       ("fixedmaps", "fixed maps", "lowrank_fixed", fixed_cos.get))
-  rows = [] if lowrank_cost is None else lowrank_cost["rows"]
   for kind, label, grouping, cosine in kinds:
     for row in rows:
       for g in (2, 4, 8):
