@@ -42,10 +42,10 @@ def _groups():
       ],
       # Wider key tiles for narrow scores, against the shipped forward (timed forward only).
       "fwd_block_kv": [
-          ("d=128 G=4", 128, 4, None),
+          ("d=128 G=4 block_kv=128", 128, 4, {"block_kv": 128}),
           ("d=128 G=4 block_kv=192", 128, 4, {"block_kv": 192}),
           ("d=128 G=4 block_kv=256", 128, 4, {"block_kv": 256}),
-          ("d=128 G=8", 128, 8, None),
+          ("d=128 G=8 block_kv=128", 128, 8, {"block_kv": 128}),
           ("d=128 G=8 block_kv=256", 128, 8, {"block_kv": 256}),
       ],
       # The same at d=64 (shipped: block_kv=256 for r <= 32), forward only.
@@ -58,7 +58,7 @@ def _groups():
       # Forward variants (timed forward only).
       "fwd_variants": [
           ("d=256 G=4 stages=3", 256, 4, {"stages": 3}),
-          ("d=128 G=4 stages=3", 128, 4, {"stages": 3}),
+          ("d=128 G=4 stages=3", 128, 4, {"stages": 3, "block_kv": 128}),
       ],
   }
 

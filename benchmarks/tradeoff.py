@@ -63,7 +63,8 @@ def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128, fixed=
   out = []
   rows = [] if lowrank_cost is None else lowrank_cost["rows"]
   same_run_greedy = {g for row in rows for g in (2, 4, 8)
-                     if f"G{g}_greedy_e2e_fwd_bwd_ms" in row and row.get("d") == d}
+                     if f"G{g}_greedy_e2e_fwd_bwd_ms" in row and row.get("d") == d
+                     and row.get("n") == n}
   if mosaic_speed is not None:
     ms = {r["impl"]: r["ms"] for r in mosaic_speed["rows"] if r["n"] == n and r["d"] == d
           and not r["causal"] and r["mode"] == "fwdbwd" and r["ms"]}

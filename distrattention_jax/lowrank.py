@@ -103,6 +103,24 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
   d = gq.shape[-1]
   batch_shape = gq.shape[:-2]
+  # Unit-trace Grams: the iteration's products grow as powers of the Grams' scale and
+  # float32 overflows for large activations (trace ~1e8 and more: long sequences, keys
+  # with a large mean). The best maps are scale-equivariant: fitted to Q / sqrt(sq) and
+  # K / sqrt(sk), A B^T is unchanged and only the balance |Q A| = |K B| needs the factor
+  # (sk / sq)^(1/4).
+  gk = jnp.broadcast_to(gk, batch_shape + (d, d))
+  sq, sk = (jnp.trace(g, axis1=-2, axis2=-1)[..., None, None] for g in (gq, gk))
+  sq, sk = (jnp.where(x > 0, x, 1.0) for x in (sq, sk))
+  a, b = _factor_iter_unit(gq / sq, gk / sk, rank, steps=steps, use_kernel=use_kernel)
+  balance = jnp.sqrt(jnp.sqrt(sk / sq))
+  return a * balance, b / balance
+
+
+def _factor_iter_unit(gq, gk, rank, *, steps, use_kernel):
+  """factor_iter on Grams of the same batch shape (normalised by the caller)."""
+  from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
+  d = gq.shape[-1]
+  batch_shape = gq.shape[:-2]
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel and (d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK):

@@ -627,6 +627,31 @@ def test_iteration_is_stable_on_steep_spectra(alpha):
     assert np.all(got <= best + 5e-3), (use_kernel, got, best)
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_iteration_is_scale_invariant(use_kernel):
+  """Activations 1e3x larger (and keys with a large mean): the maps fit as well (the
+  subspace beyond the data's few prototypes is ill-determined, so `A B^T` itself may
+  move with rounding) and `|Q A| = |K B|` still holds. Without normalising the Grams, float32
+  overflowed inside the iteration and the maps came out all zero (a first version of
+  the program that skipped orthonormalising its start did so from 16K keys with a mean
+  offset of 3)."""
+  rng = np.random.default_rng(7)
+  q, k = _structured(rng, 1, 1024, 2, 64)
+  k = k + 2.0 * jnp.asarray(rng.standard_normal(64), jnp.float32)
+  kw = dict(block_q=1024, group_size=4, method="iter", use_kernel=use_kernel)
+  unit = lowrank.lowrank_maps(q, k, **kw)
+  big = lowrank.lowrank_maps(1e3 * q, 1e3 * k, **kw)
+  assert all(bool(jnp.all(jnp.isfinite(m))) and float(jnp.abs(m).max()) > 0 for m in big)
+  got, best = _errors(q, k, *unit, 1024)
+  got_big, best_big = _errors(1e3 * q, 1e3 * k, *big, 1024)
+  np.testing.assert_allclose(best_big, best, rtol=1e-4)
+  assert np.all(got <= best + 5e-3) and np.all(got_big <= best + 5e-3), (got, got_big, best)
+  qa = jnp.einsum("bthd,bhdr->bhtr", 1e3 * q, big[0][:, :, 0])
+  kb = jnp.einsum("bthd,bhdr->bhtr", 1e3 * k, big[1][:, :, 0])
+  np.testing.assert_allclose(jnp.linalg.norm(qa, axis=(2, 3)), jnp.linalg.norm(kb, axis=(2, 3)),
+                             rtol=1e-3)
+
+
 def _compose(polys, s):
   for a, b, c in polys:
     s = s * (a + b * s * s + c * s ** 4)

@@ -163,6 +163,17 @@ def test_k_fused_per_grouping_block(r, dv, causal, dtype, heads, k_heads, v_head
     _check(g, g_ref, name, 2 * tol)
 
 
+def test_tile_table_fits_shared_memory_and_widens_narrow_key_tiles():
+  """Every shipped (r, dv) gets tiles that fit shared memory; narrow scores (r <= 32,
+  dv <= 128) stream 256-key tiles (measured faster, tiles.py), wide ones 128 or 64."""
+  for r, dv in SHIPPED:
+    tiles = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16)
+    assert tiles.forward_smem_bytes(r, dv, 2) <= mosaic_tiles.SMEM_BYTES - 8192, (r, dv)
+    want = 64 if dv > 128 else 256 if r <= 32 else 128
+    assert tiles.block_kv == want, (r, dv, tiles.block_kv)
+    assert tiles.kv_multiple % tiles.block_kv == 0
+
+
 def test_tiles_are_validated():
   with pytest.raises(ValueError):
     mosaic_tiles.Tiles(block_kv=96)
