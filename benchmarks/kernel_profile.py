@@ -23,6 +23,7 @@ import jax
 
 from benchmarks import timing
 import distrattention_jax as dj
+from distrattention_jax import grouping
 from distrattention_jax import lowrank
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
@@ -89,10 +90,10 @@ def main(argv=None):
                              implementation="cudnn" if gpu else "xla")
     elif name == "kernel":  # the attention kernel alone, on precomputed narrow Q, K
       from pallas_kernels.mosaic_gpu import attention as mosaic  # pylint: disable=import-outside-toplevel
-      qm, km = lowrank.lowrank_maps(q0, k0, block_q=n, group_size=g, per_kv_head=True)
-      qn = jax.numpy.einsum("bthd,hdr->bthr", q0, qm[0, :, 0].astype(q0.dtype))
-      kn = jax.numpy.einsum("bthd,hdr->bthr", k0, km[0, :, 0].astype(k0.dtype))
-      sets_k = [(qn, kn, v) for _, _, v in sets]
+      red = grouping.HeadReduction.from_maps(
+          *lowrank.lowrank_maps(q0, k0, block_q=n, group_size=g, per_kv_head=True),
+          block_q=n)
+      sets_k = [(red.q_rep(q, args.d ** -0.5), red.k_fused(k), v) for q, k, v in sets]
       fns[name] = (mosaic.attention, sets_k)
       continue
     elif name == "fixedmaps":
