@@ -68,13 +68,14 @@ POLYNOMIALS = (
 )
 INNER_ITERS = 4     # per orthonormalisation inside the subspace iteration: conditioning only
 FINAL_ITERS = 7     # the last one, whose columns must be orthonormal
-# Orthonormalise the random start first. Skipping it saved 15% of the program's GPU time
-# (0.087 vs 0.103 ms, 16 programs, d=128, r=32, H100, 2026-12-06) at the same score error
-# on unit-scale data, but the first metric Gram is then `z0^T Gk Gq Gk z0`, cubic in the
-# Grams' scale, and its squared norm overflowed float32 (maps all zero) once the Grams'
-# top eigenvalue passed ~1e6 (16K keys with a mean offset of 3): reverted the same day.
-# (`lowrank.factor_iter` now also normalises the Grams to unit trace.)
-START_ORTH = True
+# Whether to orthonormalise the random start first. It changes the start's basis, not its
+# span, and the first half step orthonormalises `Gk z0` in the Gq metric anyway. Skipping
+# it saves 15% of the program's GPU time (0.087 vs 0.102 ms, 16 programs, d=128, r=32,
+# H100, 2026-12-06, twice) at the same score error (0.0700). Without it the first metric
+# Gram `z0^T Gk Gq Gk z0` is cubic in the Grams' scale and overflowed float32 for large
+# activations (maps all zero) until `lowrank.factor_iter` normalised the Grams to unit
+# trace: callers must pass unit-scale Grams (factor_iter does).
+START_ORTH = False
 
 
 # Dot precisions: IEEE float32 (XLA and interpret mode), or three TF32 tensor-core
