@@ -262,7 +262,8 @@ def blockwise_matmul(x, w, block_q):
   batch, length, heads, _ = x.shape
   xb = lsh.query_blocks(x, block_q)                        # [B, nb, rows, H, c]
   num_blocks, rows = xb.shape[1], xb.shape[2]
-  y = exact_einsum("bnrhd,bhndg->bnrhg", xb, w[:, :, :num_blocks])
+  y = prep.einsum_per_batch_row("bnrhd,bhndg->bnrhg", xb, w[:, :, :num_blocks],
+                                einsum=exact_einsum)
   return y.reshape(batch, num_blocks * rows, heads, y.shape[-1])[:, :length]
 
 
@@ -369,7 +370,7 @@ class HeadReduction:
     """
     batch, kv_len, kv_heads, _ = key.shape
     m = self._k_map_per_kv_head(kv_heads)
-    k_fused = exact_einsum("bskd,bkrndg->bkrnsg", key, m)
+    k_fused = prep.einsum_per_batch_row("bskd,bkrndg->bkrnsg", key, m, einsum=exact_einsum)
     return k_fused.reshape(batch, -1, self.num_blocks, kv_len, self.width)
 
   def k_fused(self, key: jax.Array) -> jax.Array:
@@ -379,7 +380,7 @@ class HeadReduction:
       return self.k_fused_blocks(key)
     batch, kv_len, kv_heads, _ = key.shape
     m = self._k_map_per_kv_head(kv_heads)[:, :, :, 0]        # [B, Hkv, Hk/Hkv, d, r]
-    k_fused = exact_einsum("bskd,bkrdg->bskrg", key, m)
+    k_fused = prep.einsum_per_batch_row("bskd,bkrdg->bskrg", key, m, einsum=exact_einsum)
     return k_fused.reshape(batch, kv_len, -1, self.width)
 
   def q_exp(self, query: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ import pytest
 
 import distrattention_jax as dj
 from distrattention_jax import grouping
+from distrattention_jax import prep
 
 from conftest import normal as _normal
 
@@ -113,6 +114,39 @@ def test_greedy_kernel_equals_xla_loop(d, group_size, block_q, dtype):
   assert np.all(np.sort(kernel, -1) == np.arange(d))
   assert np.mean(np.all(kernel == xla, axis=-1)) >= 0.9
 
+
+
+@pytest.mark.parametrize("batch", [3, prep.MAX_UNROLLED_BATCH + 1])
+def test_einsum_per_batch_row_equals_one_einsum(batch):
+  """The projections and Grams split into one einsum per batch row (one batch dimension
+  each, which XLA's GPU GEMM fusion takes without transposing Q and K first): same values
+  and gradients as the single einsum, a map shared by every row (batch 1) broadcast, and
+  above MAX_UNROLLED_BATCH the single einsum (so compile time stays bounded)."""
+  rng = np.random.default_rng(batch)
+  x = jnp.asarray(rng.standard_normal((batch, 48, 3, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((batch, 3, 16, 4)), jnp.float32)
+  spec = "bthd,bhdr->bthr"
+  ct = jnp.asarray(rng.standard_normal((batch, 48, 3, 4)), jnp.float32)
+  for w_used in (w, w[:1]):
+    split = lambda x, w_used=w_used: prep.einsum_per_batch_row(  # noqa: E731
+        spec, x, w_used, einsum=grouping.exact_einsum)
+    whole = lambda x, w_used=w_used: grouping.exact_einsum(  # noqa: E731
+        spec, x, jnp.broadcast_to(w_used, w.shape))
+    both = jax.jit(lambda x, ct, f: (f(x), jax.vjp(f, x)[1](ct)[0]), static_argnums=2)
+    out, dx = both(x, ct, split)
+    want, want_dx = both(x, ct, whole)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-5)
+  dots = [e for e in jax.make_jaxpr(lambda x: prep.einsum_per_batch_row(
+      spec, x, w, einsum=grouping.exact_einsum))(x).jaxpr.eqns
+          if e.primitive.name in ("dot_general", "custom_jvp_call")]
+  assert len(dots) == (batch if batch <= prep.MAX_UNROLLED_BATCH else 1)
+  grams = prep.head_grams(x, 48)
+  np.testing.assert_allclose(grams, jnp.einsum("bthc,bthe->bhce", x.astype(jnp.float32),
+                                               x.astype(jnp.float32))[:, :, None],
+                             rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="batch label"):
+    prep.einsum_per_batch_row("thd,bhdr->bthr", x[0], w)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
