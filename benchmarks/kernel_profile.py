@@ -6,7 +6,7 @@ parts and whole come from one measurement. For each setting it traces `--calls` 
 after warm-up and reports, per kernel name, the mean time per call, and the GPU busy time
 per call (sum of kernel times) next to the synchronised wall median.
 
-    python -m benchmarks.kernel_profile [--n 16384 --d 128 --groups 4]   (GPU)
+    python -m benchmarks.kernel_profile [--n 16384 --d 128 --groups 4 --batch 1]   (GPU)
     python -m benchmarks.kernel_profile --quick                           (CPU smoke test)
 """
 
@@ -65,6 +65,7 @@ def device_kernel_times(fn, args, calls):
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--n", type=int, default=16384)
+  p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--d", type=int, default=128)
   p.add_argument("--groups", type=int, default=4)
@@ -81,7 +82,7 @@ def main(argv=None):
     args.settings = "cudnn,lowrank"
   impl = "mosaic" if gpu else "xla"
   g, n = args.groups, args.n
-  sets = timing.make_inputs(1, n, n, args.heads, args.d, jax.numpy.bfloat16, 2)
+  sets = timing.make_inputs(args.batch, n, n, args.heads, args.d, jax.numpy.bfloat16, 2)
   q0, k0, _ = sets[0]
   fns = {}
   for name in args.settings.split(","):
@@ -106,8 +107,9 @@ def main(argv=None):
     fns[name] = (fn, sets)
   info = timing.device_info()
   rows = {}
-  path = os.path.join(args.out_dir, "kernel-profile-{}-{}-n{}-d{}-G{}{}{}.json".format(
-      info["device"].replace(" ", "_"), info["date"][:10], n, args.d, g,
+  path = os.path.join(args.out_dir, "kernel-profile-{}-{}{}-n{}-d{}-G{}{}{}.json".format(
+      info["device"].replace(" ", "_"), info["date"][:10],
+      f"-b{args.batch}" if args.batch != 1 else "", n, args.d, g,
       "-bwd" if args.backward else "", args.tag))
   for name, (fn, fn_sets) in fns.items():
     jitted = timing.loss_grad(fn) if args.backward else jax.jit(fn)
@@ -119,8 +121,8 @@ def main(argv=None):
     print(f"{name}: wall {wall:.4f} ms, GPU busy {rows[name]['busy_ms']:.4f} ms", flush=True)
     for k, v in list(per_call.items())[:12]:
       print(f"    {v:8.4f} ms  {k[:110]}", flush=True)
-    timing.write_json(path, {"info": info, "n": n, "heads": args.heads, "d": args.d,
-                             "group_size": g, "backward": args.backward, "rows": rows})
+    timing.write_json(path, {"info": info, "batch": args.batch, "n": n, "heads": args.heads,
+                             "d": args.d, "group_size": g, "backward": args.backward, "rows": rows})
   print("wrote", path)
 
 

@@ -49,6 +49,15 @@ def main(argv=None):
     fns["cudnn-distr G=4 bq=64"] = functools.partial(
         dj.distr_attention, group_size=4, block_q=64, implementation="cudnn",
         grouping="greedy")
+    # Our Hopper kernels: exact (G=1), and one lowrank factorisation (the default) or greedy
+    # grouping per sequence; greedy with 1024-row grouping blocks streams one K_fused per
+    # block (N^2 / block_q).
+    mosaic = functools.partial(dj.distr_attention, implementation="mosaic")
+    fns["mosaic G=1"] = functools.partial(mosaic, group_size=1)
+    fns["mosaic lowrank G=4 bq=N"] = functools.partial(mosaic, group_size=4)
+    fns["mosaic greedy G=4 bq=N"] = functools.partial(mosaic, group_size=4, grouping="greedy")
+    fns["mosaic greedy G=4 bq=1024"] = functools.partial(mosaic, group_size=4, block_q=1024,
+                                                         grouping="greedy")
   rows = []
   for n in args.n:
     spec = jax.ShapeDtypeStruct((1, n, args.heads, args.d), jnp.bfloat16)
