@@ -55,6 +55,18 @@ def _groups():
           ("d=64 G=4", 64, 4, None),
           ("d=64 G=4 block_kv=128", 64, 4, {"block_kv": 128}),
       ],
+      # Conditional O rescale (stale row max, Tiles.rescale_threshold) against the
+      # shipped forward (timed forward only).
+      "fwd_rescale": [
+          ("d=128 G=4", 128, 4, None),
+          ("d=128 G=4 rescale_threshold=8", 128, 4, {"rescale_threshold": 8.0}),
+          ("d=128 G=8", 128, 8, None),
+          ("d=128 G=8 rescale_threshold=8", 128, 8, {"rescale_threshold": 8.0}),
+          ("d=128 G=1", 128, 1, None),
+          ("d=128 G=1 rescale_threshold=8", 128, 1, {"rescale_threshold": 8.0}),
+          ("d=64 G=4", 64, 4, None),
+          ("d=64 G=4 rescale_threshold=8", 64, 4, {"rescale_threshold": 8.0}),
+      ],
       # Forward variants (timed forward only).
       "fwd_variants": [
           ("d=256 G=4 stages=3", 256, 4, {"stages": 3}),
@@ -109,7 +121,8 @@ def run_group(name, modes, out_path):
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
       group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"],
-                     "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"]}.get(name, modes)
+                     "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"],
+                     "fwd_rescale": ["fwd"]}.get(name, modes)
       for mode in group_modes:
         args = (q, k, v) if mode == "fwd" else (q, k, v, do)
         row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,

@@ -122,6 +122,48 @@ def test_kv_len_ignores_keys_past_it():
     _check(g, g_ref, name, 2e-2)
 
 
+def _ramp_scores(q, k, ramp):
+  """Adds about ramp * j / kv_len to every score of key j (a ramp on feature 0 of k, q's
+  feature 0 raised by 1), so that rows' maxima keep growing from key tile to key tile."""
+  pos = jnp.arange(k.shape[1], dtype=jnp.float32) / k.shape[1]
+  k = k.astype(jnp.float32).at[..., 0].add(ramp * pos[None, :, None]).astype(k.dtype)
+  q = q.astype(jnp.float32).at[..., 0].add(1.0).astype(q.dtype)
+  return q, k
+
+
+# (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len, ramp): ramp > 0 makes
+# the row maxima grow by ~ramp nats over the keys (~1.4 * ramp bits: several moves of
+# the stale max by more than 8 bits), so the rescale branch runs after the first tile.
+RESCALE_CASES = [
+    (32, 128, False, jnp.bfloat16, 4, 4, 2, 4096, 4096, 0.0),
+    (32, 128, True, jnp.float16, 4, 2, 2, 1000, 900, 0.0),
+    (128, 128, False, jnp.bfloat16, 4, 2, 2, 1000, 1000, 0.0),
+    (32, 128, False, jnp.bfloat16, 4, 4, 2, 4096, 4096, 48.0),
+    (64, 128, True, jnp.float16, 4, 4, 2, 1000, 1000, 24.0),
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len,ramp",
+                         RESCALE_CASES)
+def test_forward_conditional_rescale(r, dv, causal, dtype, heads, k_heads, v_heads, q_len,
+                                     kv_len, ramp):
+  """Tiles(rescale_threshold=8): stale row max, O rescaled only when some row's max grew
+  by more than 8 (log2: a factor 2^8); same output and lse as the reference."""
+  q, k, v, _ = _inputs(3 * r + q_len + kv_len + causal, q_len, kv_len, heads, k_heads,
+                       v_heads, r, dv, dtype)
+  if ramp:
+    q, k = _ramp_scores(q, k, ramp)
+  tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), rescale_threshold=8.0)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
+  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
+  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
+  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
+  _check(out, out_ref, "out", tol)
+  _check(lse, lse_ref, "lse", 1e-3)
+
+
 def reference_blocked(q, k, v, group_block_q, causal):
   """Per grouping block j: its query rows against its own K_fused k[:, j]."""
   outs = []
@@ -181,6 +223,16 @@ def test_tiles_are_validated():
     mosaic_tiles.Tiles(stages=1)
 
 
+def test_rescale_threshold_is_validated():
+  assert mosaic_tiles.Tiles().rescale_threshold == 0.0  # default: rescale every tile
+  assert mosaic_tiles.Tiles(rescale_threshold=8.0).rescale_threshold == 8.0
+  assert mosaic_tiles.Tiles(rescale_threshold=mosaic_tiles.MAX_RESCALE_THRESHOLD)
+  # Negative, NaN, or so large that P (up to 2^threshold) overflows float16 (max 65504).
+  for bad in (-1.0, float("nan"), 16.0, float("inf")):
+    with pytest.raises(ValueError, match="rescale_threshold"):
+      mosaic_tiles.Tiles(rescale_threshold=bad)
+
+
 # --- CPU: Mosaic GPU kernels lower for CUDA on an abstract H100 (no GPU needed) --------
 
 # Every (r, dv) the tile table is used for (d=64/128/256 at G=1/2/4/8).
@@ -202,6 +254,29 @@ def test_lowers_for_cuda_on_cpu(r, dv):
   # Forward, then dQ and dK/dV kernels, or one fused backward kernel.
   fused = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16).fused_bwd
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if fused else 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("r", [32, 128])
+def test_conditional_rescale_lowers_for_cuda_on_cpu(r, causal):
+  dv = 128
+  tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16),
+                              rescale_threshold=8.0)
+  args = (jax.ShapeDtypeStruct((1, 1000, 4, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, dv), jnp.bfloat16))
+
+  def loss(q, k, v):
+    out = mosaic.attention(q, k, v, causal=causal, tiles=tiles)
+    return jnp.sum(out.astype(jnp.float32))
+
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *args)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if tiles.fused_bwd else 3)
+  # The warpgroup-wide OR that guards the O rescale is in the forward kernel ...
+  assert "bar.red.or.pred" in text
+  # ... and only there: the default forward has none.
+  default = lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=causal)[0], *args)
+  assert "bar.red.or.pred" not in default
 
 
 @pytest.mark.parametrize("causal", [False, True])

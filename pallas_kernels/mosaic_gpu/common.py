@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, vector
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -54,6 +57,38 @@ def cdiv(a, b):
 
 def zeros_acc(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
+
+
+# OR of one predicate over the 128 threads of the calling warpgroup, on its own named
+# barrier (Mosaic GPU's warpgroup barrier id: warpgroup index + 1, 128 threads).
+_WARPGROUP_OR_PTX = ("{ .reg .pred p_in, p_out; setp.ne.u32 p_in, $1, 0; "
+                     "bar.red.or.pred p_out, $2, 128, p_in; selp.u32 $0, 1, 0, p_out; }")
+
+
+def any_row_greater(new, old):
+  """Warpgroup-uniform bool scalar: new > old in some row ([rows] float32, WGMMA_ROW).
+
+  Each thread ORs its own rows, then one `bar.red.or.pred` ORs the warpgroup's threads.
+  Not `jnp.any(new > old)`: that lowers to a cross-warp reduction through the kernel's
+  one reduction scratch in shared memory, at the same address for every warpgroup, so
+  two consumer warpgroups reducing at once would race."""
+  @plgpu.inline_mgpu(arg_types=(WGMMA_ROW, WGMMA_ROW),  # a scalar result has no layout
+                     return_type=plgpu.ShapeDtypeStruct((), jnp.bool_, None))
+  def warpgroup_any(_, new, old):
+    i32 = ir.IntegerType.get_signless(32)
+    mine = None  # OR of this thread's rows
+    for reg in (new > old).registers.flat:
+      for i in range(ir.VectorType(reg.type).shape[0]):
+        bit = vector.extract(reg, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([i]))
+        mine = bit if mine is None else arith.ori(mine, bit)
+    barrier = mgpu.utils.warpgroup_barrier_idx(sync=False)
+    anyone = mgpu.utils.inline_ptx(_WARPGROUP_OR_PTX, arith.extui(i32, mine), barrier,
+                                   result_types=i32, has_side_effects=True,
+                                   convergent=True)
+    flag = arith.cmpi(arith.CmpIPredicate.ne, anyone, mgpu.c(0, i32))
+    return mgpu.FragmentedArray.splat(flag, (), is_signed=False)
+  return warpgroup_any(new, old)
 
 
 def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

@@ -39,6 +39,7 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
   stages = min(tiles.stages, num_kv_tiles)
   q_per_k, q_per_v = heads // k_heads, heads // v_heads
   kv_tail = kv_len < kv_len_padded  # the last kv tile holds padding keys to mask
+  rescale_threshold = float(tiles.rescale_threshold)  # 0: rescale O every tile
   cta_rows = wgs * block_q
 
   def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, smem, loaded, free, schedule):
@@ -117,11 +118,26 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
           s = jnp.where(valid, s, MASKED)
 
         # Online softmax in base 2 (log2(e) folded into one FMA per score).
-        m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
+        if rescale_threshold:
+          # Stale max: a row's max moves only when it would grow by more than the
+          # threshold, so P <= 2^threshold. The first tile always moves it (m_i = -inf;
+          # every row sees key 0 there, and masked scores are finite).
+          m_seen = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
+          m_new = jnp.where(m_seen > m_i + rescale_threshold, m_seen, m_i)
+        else:
+          m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s * LOG2E - common.row_bcast(m_new, s.shape))
-        acc *= common.row_bcast(alpha, acc.shape)
-        l_i *= alpha
+        if rescale_threshold:
+          # Rows whose max stayed have alpha = 1: skip the [block_q, dv] multiply unless
+          # some row of this warpgroup moved (a uniform branch: no divergence).
+          acc, l_i = lax.cond(
+              common.any_row_greater(m_new, m_i),
+              lambda: (acc * common.row_bcast(alpha, acc.shape), l_i * alpha),
+              lambda: (acc, l_i))
+        else:
+          acc *= common.row_bcast(alpha, acc.shape)
+          l_i *= alpha
         p_lo = p.astype(dtype)
 
         def softmax_done():

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 # Hopper: 227 KiB of shared memory per block (232448 bytes).
 SMEM_BYTES = 232448
+# Largest Tiles.rescale_threshold (log2): P <= 2^15 stays finite in float16 (max 65504).
+MAX_RESCALE_THRESHOLD = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,12 @@ class Tiles:
   stages_bwd: int = 2
   # Backward as one kernel (dK/dV + dQ by float32 TMA reduce-add) instead of two.
   fused_bwd: bool = False
+  # Forward: keep a stale row max and skip the O rescale of a key tile unless some row's
+  # max grew by more than this (log2 units; FlashAttention-4's conditional rescaling).
+  # P may then reach 2^rescale_threshold. 0 = rescale every tile (no stale max).
+  # Experimental: lowered for CUDA on a CPU, not yet run on a GPU (2026-12-06); the
+  # table never picks it.
+  rescale_threshold: float = 0.0
 
   def __post_init__(self):
     # wgmma works on 64-row warpgroup tiles; the key tiles are wgmma N/K dims.
@@ -45,6 +53,10 @@ class Tiles:
       raise ValueError("stages and stages_bwd must be at least 2")
     if self.compute_wgs not in (1, 2, 3) or self.compute_wgs_bwd not in (1, 2, 3):
       raise ValueError("compute_wgs and compute_wgs_bwd must be 1, 2 or 3")
+    # P <= 2^threshold is cast to the input dtype: float16's largest value is 65504 < 2^16.
+    if not 0.0 <= self.rescale_threshold <= MAX_RESCALE_THRESHOLD:
+      raise ValueError(f"rescale_threshold={self.rescale_threshold} must be in "
+                       f"[0, {MAX_RESCALE_THRESHOLD}]")
 
   @property
   def q_multiple(self) -> int:
