@@ -4,7 +4,7 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|rescale|all]
 # Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
 # prints its whole module, which would fill a device call's output).
 set -uo pipefail
@@ -53,4 +53,12 @@ if [ "$what" = prep ]; then
   timeout 100 python -m benchmarks.prep_cost --d 64 --what lowrank,e2e --out-dir "$out" \
     > "$out/prep-d64.log" 2>&1
   grep -h "^d=" "$out"/prep-d*.log
+fi
+if [ "$what" = rescale ]; then
+  # The experimental conditional O rescale (Tiles.rescale_threshold; written 2026-12-06,
+  # not yet run on a GPU): its parity tests, then its forward time against the shipped one.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python -m pytest -q -m gpu -o addopts= \
+    -p no:cacheprovider tests/test_mosaic_gpu.py -k rescale 2>&1 | grep -E "passed|failed|Error" | tail -8
+  timeout 420 python benchmarks/mosaic_kernel_speed.py --groups cudnn,fwd_rescale --modes fwd \
+    --group-timeout 300 --json "$out/mosaic-kernel-speed-rescale.json" 2>&1 | grep -v "^{" | tail -24
 fi
