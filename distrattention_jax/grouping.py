@@ -126,7 +126,8 @@ def greedy_permutations(query, *, block_q, group_size, query_valid=None, use_ker
     return jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (batch, heads, num_blocks, d))
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
-  gram = prep.head_grams(query, block_q, query_valid)        # [B, H, nb, d, d]
+  gram = prep.head_grams(query, block_q, query_valid,        # [B, H, nb, d, d]
+                         per_batch_row=bool(use_kernel))
   num_blocks = gram.shape[2]
   if use_kernel:
     from pallas_kernels.triton import greedy as greedy_kernel  # pylint: disable=import-outside-toplevel
@@ -252,18 +253,20 @@ def _exact_einsum_jvp(spec, primals, tangents):
 exact_einsum.defjvp(_exact_einsum_jvp, symbolic_zeros=True)
 
 
-def blockwise_matmul(x, w, block_q):
+def blockwise_matmul(x, w, block_q, *, per_batch_row=False):
   """`x [B, T, H, c]` times each row's block matrix `w [B, H, nb, c, e]` -> `[B, T, H, e]`.
 
   Row t uses block `t // block_q`. Works on the BTNH layout directly (rows reshaped into
   blocks, no transposes), with exact accumulation for one-hot/averaging weights: float32
   (float64 for float64), no TF32 rounding. `w` may have more blocks than `x` needs.
+  `per_batch_row`: one product per batch row (`prep.einsum_per_batch_row`; GPU kernel
+  path only).
   """
   batch, length, heads, _ = x.shape
   xb = lsh.query_blocks(x, block_q)                        # [B, nb, rows, H, c]
   num_blocks, rows = xb.shape[1], xb.shape[2]
   y = prep.einsum_per_batch_row("bnrhd,bhndg->bnrhg", xb, w[:, :, :num_blocks],
-                                einsum=exact_einsum)
+                                einsum=exact_einsum, per_batch_row=per_batch_row)
   return y.reshape(batch, num_blocks * rows, heads, y.shape[-1])[:, :length]
 
 
@@ -351,10 +354,13 @@ class HeadReduction:
     return member_indices(self.perm, self.group_size)
 
   # -- builders --
-  def q_rep(self, query: jax.Array, scale: float = 1.0) -> jax.Array:
-    """`Q_rep [B, Tq, H, r]` (times `scale`, folded into the map, when it is not 1)."""
+  def q_rep(self, query: jax.Array, scale: float = 1.0, *,
+            per_batch_row: bool = False) -> jax.Array:
+    """`Q_rep [B, Tq, H, r]` (times `scale`, folded into the map, when it is not 1).
+    `per_batch_row`: one product per batch row (GPU kernel backends; see
+    `prep.einsum_per_batch_row`), also for `k_fused` and `k_fused_blocks`."""
     q_map = self.q_map if scale == 1.0 else self.q_map * scale
-    return blockwise_matmul(query, q_map, self.block_q)
+    return blockwise_matmul(query, q_map, self.block_q, per_batch_row=per_batch_row)
 
   def _k_map_per_kv_head(self, kv_heads: int) -> jax.Array:
     """k_map as `[B, Hkv, Hk / Hkv, nb, d, r]`."""
@@ -362,7 +368,7 @@ class HeadReduction:
     batch, hk = k_map.shape[:2]
     return k_map.reshape(batch, kv_heads, hk // kv_heads, *k_map.shape[2:])
 
-  def k_fused_blocks(self, key: jax.Array) -> jax.Array:
+  def k_fused_blocks(self, key: jax.Array, *, per_batch_row: bool = False) -> jax.Array:
     """`K_fused [B, Hk, nb, Tk, r]` per grouping block, from `key [B, Tk, Hkv, d]`.
 
     With GQA and a permutation grouping each query head gets its own fused keys, since
@@ -370,17 +376,19 @@ class HeadReduction:
     """
     batch, kv_len, kv_heads, _ = key.shape
     m = self._k_map_per_kv_head(kv_heads)
-    k_fused = prep.einsum_per_batch_row("bskd,bkrndg->bkrnsg", key, m, einsum=exact_einsum)
+    k_fused = prep.einsum_per_batch_row("bskd,bkrndg->bkrnsg", key, m, einsum=exact_einsum,
+                                        per_batch_row=per_batch_row)
     return k_fused.reshape(batch, -1, self.num_blocks, kv_len, self.width)
 
-  def k_fused(self, key: jax.Array) -> jax.Array:
+  def k_fused(self, key: jax.Array, *, per_batch_row: bool = False) -> jax.Array:
     """`K_fused`: with one grouping block (nb == 1) a BTNH array `[B, Tk, Hk, r]` (what
     attention kernels take), else per block `[B, Hk, nb, Tk, r]` (`k_fused_blocks`)."""
     if self.num_blocks != 1:
-      return self.k_fused_blocks(key)
+      return self.k_fused_blocks(key, per_batch_row=per_batch_row)
     batch, kv_len, kv_heads, _ = key.shape
     m = self._k_map_per_kv_head(kv_heads)[:, :, :, 0]        # [B, Hkv, Hk/Hkv, d, r]
-    k_fused = prep.einsum_per_batch_row("bskd,bkrdg->bskrg", key, m, einsum=exact_einsum)
+    k_fused = prep.einsum_per_batch_row("bskd,bkrdg->bskrg", key, m, einsum=exact_einsum,
+                                        per_batch_row=per_batch_row)
     return k_fused.reshape(batch, kv_len, -1, self.width)
 
   def q_exp(self, query: jax.Array) -> jax.Array:

@@ -18,22 +18,28 @@ from distrattention_jax import lsh
 MAX_UNROLLED_BATCH = 16
 
 
-def einsum_per_batch_row(spec: str, x: jax.Array, w: jax.Array, einsum=jnp.einsum, **kwargs):
+def einsum_per_batch_row(spec: str, x: jax.Array, w: jax.Array, einsum=jnp.einsum, *,
+                         per_batch_row: bool = True, **kwargs):
   """`einsum(spec, x, w)` for specs whose operands and output all lead with batch `b`,
-  computed as one einsum per batch row (stacked) when `1 < B <= MAX_UNROLLED_BATCH`.
+  computed as one einsum per batch row (stacked) when `per_batch_row` and
+  `1 < B <= MAX_UNROLLED_BATCH`.
 
   Why: on the BTNH layout these contractions carry two batch dimensions (the batch row
   and the head). XLA's GPU GEMM fusion takes one; with two it transposed Q and K in
   HBM first (B=4, H=16, N=16384, d=128 on an H100, 2026-12-06: 0.37 ms per transpose,
   the lowrank pre-pass 1.56 ms against 0.27 at B=1). Per row the head is the only batch
   dimension. `w` may have batch size 1 (shared by every row).
+
+  Callers pass `per_batch_row=True` only on the GPU kernel path: split rows of a batch
+  dimension that GSPMD shards over devices would move data between them, where the
+  single einsum partitions without collectives (tests/sharding_plain_jit_check.py).
   """
   ins, out = spec.split("->")
   x_spec, w_spec = ins.split(",")
   if not x_spec[0] == w_spec[0] == out[0] == "b":
     raise ValueError(f"spec must lead with the batch label b everywhere, got {spec!r}")
   batch = x.shape[0]
-  if not 1 < batch <= MAX_UNROLLED_BATCH:
+  if not (per_batch_row and 1 < batch <= MAX_UNROLLED_BATCH):
     return einsum(spec, x, w, **kwargs)
   row_spec = f"{x_spec[1:]},{w_spec[1:]}->{out[1:]}"
   # jnp.split (not x[i]): its transpose is one concatenate, where B slices would
@@ -43,17 +49,19 @@ def einsum_per_batch_row(spec: str, x: jax.Array, w: jax.Array, einsum=jnp.einsu
   return jnp.stack([einsum(row_spec, x_i, w_i, **kwargs) for x_i, w_i in zip(xs, ws)])
 
 
-def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None) -> jax.Array:
+def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None, *,
+               per_batch_row: bool = False) -> jax.Array:
   """float32 `[B, H, nb, d, d]`: `X_b^T X_b` per head over each block of `block_q` rows.
 
   x: `[B, T, H, d]`, taken under stop_gradient; rows where `valid [B, T]` is False
   (padding) are left out; the last block may be short. bf16/f16 products are exact in
-  float32 (tensor cores); other dtypes are taken in float32.
+  float32 (tensor cores); other dtypes are taken in float32. `per_batch_row`: see
+  `einsum_per_batch_row` (True on the GPU kernel path).
   """
   x = jax.lax.stop_gradient(x)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float32)
   blocks = lsh.query_blocks(x, block_q, valid)                  # [B, nb, rows, H, d]
   return einsum_per_batch_row("bnrhc,bnrhe->bhnce", blocks, blocks,
-                              precision=jax.lax.Precision.HIGHEST,
+                              per_batch_row=per_batch_row, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)

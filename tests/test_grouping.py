@@ -129,7 +129,7 @@ def test_einsum_per_batch_row_equals_one_einsum(batch):
   ct = jnp.asarray(rng.standard_normal((batch, 48, 3, 4)), jnp.float32)
   for w_used in (w, w[:1]):
     split = lambda x, w_used=w_used: prep.einsum_per_batch_row(  # noqa: E731
-        spec, x, w_used, einsum=grouping.exact_einsum)
+        spec, x, w_used, einsum=grouping.exact_einsum, per_batch_row=True)
     whole = lambda x, w_used=w_used: grouping.exact_einsum(  # noqa: E731
         spec, x, jnp.broadcast_to(w_used, w.shape))
     both = jax.jit(lambda x, ct, f: (f(x), jax.vjp(f, x)[1](ct)[0]), static_argnums=2)
@@ -137,11 +137,13 @@ def test_einsum_per_batch_row_equals_one_einsum(batch):
     want, want_dx = both(x, ct, whole)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-5)
-  dots = [e for e in jax.make_jaxpr(lambda x: prep.einsum_per_batch_row(
-      spec, x, w, einsum=grouping.exact_einsum))(x).jaxpr.eqns
-          if e.primitive.name in ("dot_general", "custom_jvp_call")]
-  assert len(dots) == (batch if batch <= prep.MAX_UNROLLED_BATCH else 1)
-  grams = prep.head_grams(x, 48)
+  def products(per_batch_row):
+    jaxpr = jax.make_jaxpr(lambda x: prep.einsum_per_batch_row(
+        spec, x, w, einsum=grouping.exact_einsum, per_batch_row=per_batch_row))(x)
+    return sum(e.primitive.name in ("dot_general", "custom_jvp_call") for e in jaxpr.eqns)
+  assert products(True) == (batch if batch <= prep.MAX_UNROLLED_BATCH else 1)
+  assert products(False) == 1  # off the GPU kernel path: one einsum (GSPMD-friendly)
+  grams = prep.head_grams(x, 48, per_batch_row=True)
   np.testing.assert_allclose(grams, jnp.einsum("bthc,bthe->bhce", x.astype(jnp.float32),
                                                x.astype(jnp.float32))[:, :, None],
                              rtol=1e-5, atol=1e-4)

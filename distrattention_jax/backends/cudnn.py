@@ -144,8 +144,10 @@ class CudnnBackend(base.Backend):
     if reduction is None:
       out = _call_cudnn(query, key, value, masks, scale)
     elif narrow_applies(reduction.num_blocks, head_dim, reduction.group_size):
-      q_rep = reduction.q_rep(query)               # [B, Tq, H, d/G]
-      k_fused = reduction.k_fused(key)             # [B, Tk, Hk, d/G] (one block)
+      # One projection per batch row on the GPU kernel path (prep.einsum_per_batch_row).
+      rows = self.uses_grouping_kernel
+      q_rep = reduction.q_rep(query, per_batch_row=rows)    # [B, Tq, H, d/G]
+      k_fused = reduction.k_fused(key, per_batch_row=rows)  # [B, Tk, Hk, d/G] (one block)
       # cuDNN wants K and V with the same heads; K_fused may have one per query head.
       fused_heads = k_fused.shape[2]
       value_h = (jnp.repeat(value, fused_heads // kv_heads, axis=2)

@@ -84,10 +84,12 @@ class MosaicBackend(base.Backend):
     if reduction is None:
       q = (query.astype(jnp.float32) * problem.scale).astype(query.dtype)
       return mosaic.attention(q, key, value, causal=causal)
-    q_rep = reduction.q_rep(query, problem.scale).astype(query.dtype)   # [B, Tq, H, r]
+    # One projection per batch row: no transposes of Q and K for B > 1 (prep).
+    rows = dict(per_batch_row=True)
+    q_rep = reduction.q_rep(query, problem.scale, **rows).astype(query.dtype)  # [B, Tq, H, r]
     if reduction.num_blocks == 1:
-      return mosaic.attention(q_rep, reduction.k_fused(key), value, causal=causal)
-    k_blocks = reduction.k_fused_blocks(key)                  # [B, Hk, nb, Tk, r]
+      return mosaic.attention(q_rep, reduction.k_fused(key, **rows), value, causal=causal)
+    k_blocks = reduction.k_fused_blocks(key, **rows)          # [B, Hk, nb, Tk, r]
     k_blocks = jnp.transpose(k_blocks, (0, 2, 3, 1, 4))       # [B, nb, Tk, Hk, r]
     return mosaic.attention_blocked(q_rep, k_blocks, value, group_block_q=reduction.block_q,
                                     causal=causal)
