@@ -145,21 +145,11 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
       k_head = lax.div(hi, i32(q_per_k))
       v_head = lax.div(hi, i32(q_per_v))
 
-      def load(t, slot):
+      def tile(t):
         keys = pl.ds(t * block_kv, block_kv)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
-                                kv_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
-                                kv_loaded.at[slot])
-
-      for s in range(stages):
-        pl.when(s < cta_tiles)(lambda s=s: load(s, s))
-
-      @pl.loop(0, cta_tiles - stages)
-      def _(t):
-        slot = lax.rem(t, i32(stages))
-        plgpu.barrier_wait(kv_free.at[slot])
-        load(t + stages, slot)
+        return k_ref.at[bi, keys, k_head], v_ref.at[bi, keys, v_head]
+      common.stream_tiles(tile, (k_smems, v_smems), kv_loaded, kv_free,
+                          num_tiles=cta_tiles, stages=stages)
 
   def entry(*refs):
     smem = (
@@ -344,23 +334,13 @@ def dkv_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles
     def _producer():
       plgpu.set_max_registers(producer_regs, action="decrease")
 
-      def load(i, slot):
+      def tile(i):
         rows = pl.ds(i * block_q, block_q)
-        barrier = q_loaded.at[slot]  # 4 arrivals: one per copy
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smems.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smems.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smems.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smems.at[slot], barrier)
-
-      n_tiles = num_q_tiles - cta_first
-      for s in range(stages):
-        pl.when(s < n_tiles)(lambda s=s: load(cta_first + s, s))
-
-      @pl.loop(0, n_tiles - stages)
-      def _(j):
-        slot = lax.rem(j, i32(stages))
-        plgpu.barrier_wait(q_free.at[slot])
-        load(cta_first + j + stages, slot)
+        return (q_ref.at[bi, rows, hi], do_ref.at[bi, rows, hi], lse_ref.at[bi, hi, rows],
+                delta_ref.at[bi, hi, rows])
+      common.stream_tiles(tile, (q_smems, do_smems, lse_smems, delta_smems), q_loaded,
+                          q_free, num_tiles=num_q_tiles - cta_first, stages=stages,
+                          first=cta_first)
 
   def entry(*refs):
     stages = min(tiles.stages_bwd, num_q_tiles)

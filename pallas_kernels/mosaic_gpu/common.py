@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
@@ -89,6 +90,42 @@ def any_row_greater(new, old):
     flag = arith.cmpi(arith.CmpIPredicate.ne, anyone, mgpu.c(0, i32))
     return mgpu.FragmentedArray.splat(flag, (), is_signed=False)
   return warpgroup_any(new, old)
+
+
+def stream_tiles(sources, smems, loaded, free, *, num_tiles, stages: int, first=0):
+  """Body of a TMA producer warpgroup: streams tiles first .. first + num_tiles - 1 of
+  some operands through `stages` shared-memory slots (tile first + j in slot j % stages).
+
+  sources(i): tile i's gmem views, one per operand (e.g. K [block_kv, r], V [block_kv, dv]).
+  smems: per operand, its slots [stages, ...] in shared memory.
+  loaded, free: mbarriers [stages], one per operand (a tuple: the consumers free each
+    operand on its own, so each reload waits for its own operand's slot) or one for all
+    (a single wait per reload; `loaded` then takes one arrival per operand).
+  The consumers wait on `loaded` and arrive on `free` when done with a slot.
+  """
+  shared = not isinstance(free, (tuple, list))
+  loaded = (loaded,) * len(smems) if shared else tuple(loaded)
+
+  def load(i, slot):
+    for src, smem, barrier in zip(sources(i), smems, loaded, strict=True):
+      plgpu.copy_gmem_to_smem(src, smem.at[slot], barrier.at[slot])
+
+  for s in range(stages):  # fill every slot
+    pl.when(s < num_tiles)(lambda s=s: load(first + s, s))
+
+  @pl.loop(0, num_tiles - stages)
+  def _(j):  # refill each slot once the consumers have freed it
+    slot = lax.rem(j, i32(stages))
+    # The tile's index math comes after the wait with one barrier and before the first
+    # wait with one per operand: the order each kernel had, so it emits the same code.
+    if shared:
+      plgpu.barrier_wait(free.at[slot])
+      load(first + j + stages, slot)
+    else:
+      for src, smem, barrier, done in zip(sources(first + j + stages), smems, loaded, free,
+                                          strict=True):
+        plgpu.barrier_wait(done.at[slot])
+        plgpu.copy_gmem_to_smem(src, smem.at[slot], barrier.at[slot])
 
 
 def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

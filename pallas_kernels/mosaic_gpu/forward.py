@@ -203,26 +203,11 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       k_head = lax.div(hi, i32(q_per_k))  # GQA: index the shared head, no copies
       v_head = lax.div(hi, i32(q_per_v))
 
-      def load(t, slot):
+      def tile(t):
         keys = pl.ds(t * block_kv, block_kv)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
-                                k_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
-                                v_loaded.at[slot])
-
-      for s in range(stages):
-        pl.when(s < cta_tiles)(lambda s=s: load(s, s))
-
-      @pl.loop(0, cta_tiles - stages)
-      def _(t):
-        slot = lax.rem(t, i32(stages))
-        keys = pl.ds((t + stages) * block_kv, block_kv)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, k_head], k_smems.at[slot],
-                                k_loaded.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, v_head], v_smems.at[slot],
-                                v_loaded.at[slot])
+        return k_ref.at[bi, keys, k_head], v_ref.at[bi, keys, v_head]
+      common.stream_tiles(tile, (k_smems, v_smems), (k_loaded, v_loaded), (k_free, v_free),
+                          num_tiles=cta_tiles, stages=stages)
 
   def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
     smem = (
