@@ -52,42 +52,44 @@ def points(speed, pretrained, n=16384, d=128):
 
 
 def mosaic_points(mosaic_speed, lowrank_cost, pretrained, n=16384, d=128, fixed=None):
-  """The Mosaic path, one grouping per sequence: greedy, lowrank fitted per sequence and
-  lowrank with fixed (calibrated) maps from `prep-cost-*-lowrank-d128.json` (each ratio to
-  the cuDNN time of its own run), greedy at the G it lacks from the end-to-end speed run
-  (`speed-mosaic-e2e-*.json`); the fixed maps' cosine from `fixed`
-  (`pretrained-minilm-iter-fixed-*`)."""
+  """The Mosaic path, one grouping per sequence: greedy and lowrank fitted per sequence
+  from the end-to-end speed run (`mosaic_speed`, `speed-*.json` rows "mosaic-distr G=g
+  bq=N" / "mosaic-lowrank G=g bq=N"), and what that run lacks (lowrank with fixed,
+  calibrated maps; greedy or lowrank at other G) from `lowrank_cost`
+  (`prep-cost-*.json`); each ratio to the cuDNN time of its own run. The fixed maps'
+  cosine from `fixed` (`pretrained-minilm-iter-fixed-*`)."""
   cos = {(r["G"], r["block_q"], r["grouping"]): r["mean_cos"] for r in pretrained["rows"]
          if r["representative"] == "mean"}
   whole = max(r["block_q"] for r in pretrained["rows"])
-  out = []
-  rows = [] if lowrank_cost is None else lowrank_cost["rows"]
-  same_run_greedy = {g for row in rows for g in (2, 4, 8)
-                     if f"G{g}_greedy_e2e_fwd_bwd_ms" in row and row.get("d") == d
-                     and row.get("n") == n}
+  fixed_cos = {} if fixed is None else {r["G"]: r["mean_cos"] for r in fixed["rows"]
+                                        if r["grouping"] == "lowrank_fixed"}
+  kinds = (  # (speed JSON impl prefix, prep-cost key part, label, grouping, cosine of G)
+      ("mosaic-distr", "greedy", "greedy", "greedy", lambda g: cos.get((g, whole, "greedy"))),
+      ("mosaic-lowrank", "lowrank", "lowrank", "lowrank",
+       lambda g: cos.get((g, whole, "lowrank"))),
+      (None, "fixedmaps", "fixed maps", "lowrank_fixed", fixed_cos.get))
+  points_by = {}  # (G, grouping) -> point; the speed run first
   if mosaic_speed is not None:
     ms = {r["impl"]: r["ms"] for r in mosaic_speed["rows"] if r["n"] == n and r["d"] == d
           and not r["causal"] and r["mode"] == "fwdbwd" and r["ms"]}
-    for g in (2, 4, 8):
-      impl = f"mosaic-distr G={g} bq=N"
-      if (impl in ms and "cudnn" in ms and (g, whole, "greedy") in cos
-          and g not in same_run_greedy):
-        out.append({"label": f"mosaic G={g} greedy", "G": g, "grouping": "greedy",
-                    "speedup": ms["cudnn"] / ms[impl], "cosine": cos[(g, whole, "greedy")]})
-  fixed_cos = {} if fixed is None else {r["G"]: r["mean_cos"] for r in fixed["rows"]
-                                        if r["grouping"] == "lowrank_fixed"}
-  kinds = (  # (JSON key part, label, grouping, cosine of G)
-      ("greedy", "greedy", "greedy", lambda g: cos.get((g, whole, "greedy"))),
-      ("lowrank", "lowrank", "lowrank", lambda g: cos.get((g, whole, "lowrank"))),
-      ("fixedmaps", "fixed maps", "lowrank_fixed", fixed_cos.get))
-  for kind, label, grouping, cosine in kinds:
-    for row in rows:
+    for prefix, _, label, grouping, cosine in kinds:
+      for g in (2, 4, 8):
+        impl = f"{prefix} G={g} bq=N"
+        if prefix and impl in ms and "cudnn" in ms and cosine(g) is not None:
+          points_by[(g, grouping)] = {"label": f"mosaic G={g} {label}", "G": g,
+                                      "grouping": grouping,
+                                      "speedup": ms["cudnn"] / ms[impl], "cosine": cosine(g)}
+  for row in [] if lowrank_cost is None else lowrank_cost["rows"]:
+    for _, kind, label, grouping, cosine in kinds:
       for g in (2, 4, 8):
         key = f"G{g}_{kind}_e2e_fwd_bwd_ms"
-        if row.get("d") == d and row.get("n") == n and key in row and cosine(g) is not None:
-          out.append({"label": f"mosaic G={g} {label}", "G": g, "grouping": grouping,
-                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key], "cosine": cosine(g)})
-  return out
+        if (row.get("d") == d and row.get("n") == n and key in row
+            and cosine(g) is not None and (g, grouping) not in points_by):
+          points_by[(g, grouping)] = {"label": f"mosaic G={g} {label}", "G": g,
+                                      "grouping": grouping,
+                                      "speedup": row["cudnn_fwd_bwd_ms"] / row[key],
+                                      "cosine": cosine(g)}
+  return list(points_by.values())
 
 
 def _optional(path, pattern):
@@ -104,9 +106,11 @@ def main(argv=None):
   p.add_argument("--pretrained-json", default=None,
                  help="default: the latest pretrained-minilm-<date>.json (the full table)")
   p.add_argument("--mosaic-speed-json", default=None,
-                 help="default: the latest speed-mosaic-e2e-*.json (greedy on our kernels)")
+                 help="default: the latest speed-mosaic-e2e-*.json (greedy and lowrank "
+                      "on our kernels, e.g. speed-*-issue13-n16384-c0-*.json)")
   p.add_argument("--lowrank-cost-json", default=None,
-                 help="default: the latest prep-cost-*-lowrank-d128.json (lowrank on them)")
+                 help="default: the latest prep-cost-*-lowrank-d128.json (fixed maps, and "
+                      "what the speed run lacks)")
   p.add_argument("--fixed-json", default=None,
                  help="default: the latest pretrained-minilm-iter-fixed-*.json (fixed maps)")
   p.add_argument("--out-dir", default=RESULTS)
