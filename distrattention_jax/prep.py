@@ -26,9 +26,9 @@ def einsum_per_batch_row(spec: str, x: jax.Array, w: jax.Array, einsum=jnp.einsu
 
   Why: on the BTNH layout these contractions carry two batch dimensions (the batch row
   and the head). XLA's GPU GEMM fusion takes one; with two it transposed Q and K in
-  HBM first (B=4, H=16, N=16384, d=128 on an H100, 2026-12-06: 0.37 ms per transpose,
-  the lowrank pre-pass 1.56 ms against 0.27 at B=1). Per row the head is the only batch
-  dimension. `w` may have batch size 1 (shared by every row).
+  HBM first (B=4, H=16, N=16384, d=128 on an H100, 2026-12-06: 0.37 ms per transpose;
+  the lowrank pre-pass 1.56 ms, 0.79 ms with one einsum per row). Per row the head is the
+  only batch dimension. `w` may have batch size 1 (shared by every row).
 
   Callers pass `per_batch_row=True` only on the GPU kernel path: split rows of a batch
   dimension that GSPMD shards over devices would move data between them, where the
