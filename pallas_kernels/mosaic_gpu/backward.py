@@ -120,13 +120,7 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
         plgpu.barrier_arrive(kv_free.at[slot])
         return dq
 
-      dq = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False), dq)
-      if causal or kv_tail:
-        dq = lax.cond(
-            plain_tiles < wg_tiles,
-            lambda: lax.fori_loop(plain_tiles, wg_tiles,
-                                  lambda t, c: kv_step(t, c, masked=True), dq),
-            lambda: dq)
+      dq = common.kv_loop(kv_step, dq, plain_tiles, wg_tiles, masked_tail=causal or kv_tail)
       if causal:  # tiles streamed for a later warpgroup only: wait (pacing) and free
         def release(t, _):
           slot = lax.rem(t, i32(stages))

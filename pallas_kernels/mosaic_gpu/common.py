@@ -92,6 +92,20 @@ def any_row_greater(new, old):
   return warpgroup_any(new, old)
 
 
+def kv_loop(step, carry, plain_tiles, num_tiles, *, masked_tail: bool):
+  """A consumer's loop over its streamed tiles: `step(t, carry, masked=False)` for tiles
+  [0, plain_tiles), then, when `masked_tail` (causal diagonal or padding keys),
+  `step(t, carry, masked=True)` for [plain_tiles, num_tiles) (possibly none)."""
+  carry = lax.fori_loop(0, plain_tiles, lambda t, c: step(t, c, masked=False), carry)
+  if masked_tail:
+    carry = lax.cond(
+        plain_tiles < num_tiles,
+        lambda: lax.fori_loop(plain_tiles, num_tiles, lambda t, c: step(t, c, masked=True),
+                              carry),
+        lambda: carry)
+  return carry
+
+
 def stream_tiles(sources, smems, loaded, free, *, num_tiles, stages: int, first=0):
   """Body of a TMA producer warpgroup: streams tiles first .. first + num_tiles - 1 of
   some operands through `stages` shared-memory slots (tile first + j in slot j % stages).

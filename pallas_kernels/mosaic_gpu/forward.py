@@ -118,14 +118,12 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
           s = jnp.where(valid, s, MASKED)
 
         # Online softmax in base 2 (log2(e) folded into one FMA per score).
+        m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
         if rescale_threshold:
           # Stale max: a row's max moves only when it would grow by more than the
           # threshold, so P <= 2^threshold. The first tile always moves it (m_i = -inf;
           # every row sees key 0 there, and masked scores are finite).
-          m_seen = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
-          m_new = jnp.where(m_seen > m_i + rescale_threshold, m_seen, m_i)
-        else:
-          m_new = jnp.maximum(m_i, s.max(axis=1) * LOG2E)
+          m_new = jnp.where(m_new > m_i + rescale_threshold, m_new, m_i)
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s * LOG2E - common.row_bcast(m_new, s.shape))
         if rescale_threshold:
@@ -164,15 +162,8 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-      carry = (acc, m_i, l_i)
-      carry = lax.fori_loop(0, plain_tiles, lambda t, c: kv_step(t, c, masked=False), carry)
-      if causal or kv_tail:
-        carry = lax.cond(
-            plain_tiles < wg_tiles,
-            lambda: lax.fori_loop(plain_tiles, wg_tiles,
-                                  lambda t, c: kv_step(t, c, masked=True), carry),
-            lambda: carry)
-      acc, m_i, l_i = carry
+      acc, m_i, l_i = common.kv_loop(kv_step, (acc, m_i, l_i), plain_tiles, wg_tiles,
+                                     masked_tail=causal or kv_tail)
 
       if causal:
         # Tiles streamed for the other warpgroup only: wait for each (so the mbarrier
