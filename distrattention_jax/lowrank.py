@@ -198,8 +198,9 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
   rank = _check(query, key, group_size)
   heads, kv_heads = query.shape[2], key.shape[2]
   group = heads // kv_heads
-  # On the GPU kernel path the Grams run one product per batch row (prep).
-  rows = jax.default_backend() == "gpu" if use_kernel is None else bool(use_kernel)
+  if use_kernel is None:
+    use_kernel = jax.default_backend() == "gpu"
+  rows = bool(use_kernel)  # the GPU kernel path: the Grams one batch row at a time (prep)
   gk = key_grams(key, key_valid, per_batch_row=rows)             # [B, Hkv, d, d]
   if per_kv_head:
     gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads,  # [B, Hkv, nb, d, d]

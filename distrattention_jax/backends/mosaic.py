@@ -84,12 +84,13 @@ class MosaicBackend(base.Backend):
     if reduction is None:
       q = (query.astype(jnp.float32) * problem.scale).astype(query.dtype)
       return mosaic.attention(q, key, value, causal=causal)
-    # One projection per batch row: no transposes of Q and K for B > 1 (prep).
-    rows = dict(per_batch_row=True)
-    q_rep = reduction.q_rep(query, problem.scale, **rows).astype(query.dtype)  # [B, Tq, H, r]
-    if reduction.num_blocks == 1:
-      return mosaic.attention(q_rep, reduction.k_fused(key, **rows), value, causal=causal)
-    k_blocks = reduction.k_fused_blocks(key, **rows)          # [B, Hk, nb, Tk, r]
+    # One projection per batch row on the GPU kernel path (prep.einsum_per_batch_row).
+    rows = self.uses_grouping_kernel
+    q_rep = reduction.q_rep(query, problem.scale, per_batch_row=rows).astype(query.dtype)
+    if reduction.num_blocks == 1:                               # q_rep: [B, Tq, H, r]
+      return mosaic.attention(q_rep, reduction.k_fused(key, per_batch_row=rows), value,
+                              causal=causal)
+    k_blocks = reduction.k_fused_blocks(key, per_batch_row=rows)  # [B, Hk, nb, Tk, r]
     k_blocks = jnp.transpose(k_blocks, (0, 2, 3, 1, 4))       # [B, nb, Tk, Hk, r]
     return mosaic.attention_blocked(q_rep, k_blocks, value, group_block_q=reduction.block_q,
                                     causal=causal)
