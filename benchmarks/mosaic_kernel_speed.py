@@ -67,6 +67,35 @@ def _groups():
           ("d=64 G=4", 64, 4, None),
           ("d=64 G=4 rescale_threshold=8", 64, 4, {"rescale_threshold": 8.0}),
       ],
+      # O stored from registers (Tiles.stage_out=False), which frees shared memory for
+      # wider key tiles where O's staging buffer was what stopped them (timed forward only).
+      "fwd_direct_out": [
+          ("d=256 G=4", 256, 4, None),
+          ("d=256 G=4 direct out", 256, 4, {"stage_out": False}),
+          ("d=256 G=4 direct out block_kv=128", 256, 4, {"stage_out": False, "block_kv": 128}),
+          ("d=256 G=8", 256, 8, None),
+          ("d=256 G=8 direct out block_kv=128", 256, 8, {"stage_out": False, "block_kv": 128}),
+          ("d=128 G=2", 128, 2, None),
+          ("d=128 G=2 direct out block_kv=256", 128, 2, {"stage_out": False, "block_kv": 256}),
+          ("d=128 G=4", 128, 4, None),
+          ("d=128 G=4 direct out", 128, 4, {"stage_out": False}),
+          ("d=128 G=1", 128, 1, None),
+          ("d=128 G=1 rescale_threshold=8", 128, 1, {"rescale_threshold": 8.0}),
+      ],
+      # The table after the direct-out run: dv=256 at r=32 stages O (it fits at 128 keys).
+      "fwd_table_d256": [
+          ("d=256 G=8 (staged, block_kv=128)", 256, 8, None),
+          ("d=256 G=8 direct out block_kv=128", 256, 8, {"stage_out": False}),
+          ("d=256 G=4 (direct out, block_kv=128)", 256, 4, None),
+          ("d=256 G=2", 256, 2, None),
+      ],
+      # The exact (G=1) backward's tiles (timed forward+backward only).
+      "g1_bwd": [
+          ("d=128 G=1", 128, 1, None),
+          ("d=128 G=1 block_kv_dq=128", 128, 1, {"block_kv_dq": 128}),
+          ("d=128 G=1 block_q_dkv=128", 128, 1, {"block_q_dkv": 128}),
+          ("d=128 G=1 stages_bwd=3", 128, 1, {"stages_bwd": 3}),
+      ],
       # Forward variants (timed forward only).
       "fwd_variants": [
           ("d=256 G=4 stages=3", 256, 4, {"stages": 3}),
@@ -120,7 +149,8 @@ def run_group(name, modes, out_path):
           "fwd": jax.jit(attn),
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
-      group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"],
+      group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"], "g1_bwd": ["fwd+bwd"],
+                     "fwd_direct_out": ["fwd"], "fwd_table_d256": ["fwd"],
                      "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"],
                      "fwd_rescale": ["fwd"]}.get(name, modes)
       for mode in group_modes:

@@ -164,6 +164,37 @@ def test_forward_conditional_rescale(r, dv, causal, dtype, heads, k_heads, v_hea
   _check(lse, lse_ref, "lse", 1e-3)
 
 
+# (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len, tiles overrides):
+# Tiles(stage_out=False) stores O from registers; the key tiles it makes room for.
+DIRECT_OUT_CASES = [
+    (64, 256, False, jnp.bfloat16, 4, 2, 2, 1000, 900, {"block_kv": 128}),
+    (32, 256, True, jnp.float16, 4, 4, 2, 1000, 1000, {"block_kv": 128}),
+    (64, 128, True, jnp.bfloat16, 4, 4, 4, 4096, 4096, {"block_kv": 256}),
+    (128, 256, False, jnp.bfloat16, 4, 2, 2, 1000, 777, {}),
+    (32, 128, False, jnp.float16, 4, 4, 2, 777, 1000, {}),
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len,overrides",
+                         DIRECT_OUT_CASES)
+def test_forward_direct_out(r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len,
+                            overrides):
+  """Tiles(stage_out=False): O written from registers; same output and lse as the
+  reference, padded query rows included in the kernel's output but sliced off."""
+  q, k, v, _ = _inputs(5 * r + q_len + kv_len + causal, q_len, kv_len, heads, k_heads,
+                       v_heads, r, dv, dtype)
+  tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), stage_out=False,
+                              **overrides)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
+  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
+  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
+  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
+  _check(out, out_ref, "out", tol)
+  _check(lse, lse_ref, "lse", 1e-3)
+
+
 def reference_blocked(q, k, v, group_block_q, causal):
   """Per grouping block j: its query rows against its own K_fused k[:, j]."""
   outs = []
@@ -207,13 +238,22 @@ def test_k_fused_per_grouping_block(r, dv, causal, dtype, heads, k_heads, v_head
 
 def test_tile_table_fits_shared_memory_and_widens_narrow_key_tiles():
   """Every shipped (r, dv) gets tiles that fit shared memory; narrow scores (r <= 32,
-  dv <= 128) stream 256-key tiles (measured faster, tiles.py), wide ones 128 or 64."""
+  dv <= 128) stream 256-key tiles (measured faster, tiles.py); O is stored from
+  registers where only that buys the wider key tiles (r=64 at dv=128 and 256), and
+  only G=1 at d=128 (r = dv = 128) keeps a stale row max."""
+  want = {(128, 128): 128, (64, 128): 256, (64, 64): 128, (128, 256): 64, (64, 256): 128,
+          (32, 256): 128}
   for r, dv in SHIPPED:
     tiles = mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16)
     assert tiles.forward_smem_bytes(r, dv, 2) <= mosaic_tiles.SMEM_BYTES - 8192, (r, dv)
-    want = 64 if dv > 128 else 256 if r <= 32 else 128
-    assert tiles.block_kv == want, (r, dv, tiles.block_kv)
+    assert tiles.block_kv == want.get((r, dv), 256), (r, dv, tiles.block_kv)
     assert tiles.kv_multiple % tiles.block_kv == 0
+    assert tiles.stage_out == ((r, dv) not in ((64, 128), (64, 256))), (r, dv)
+    assert tiles.rescale_threshold == (8.0 if r == dv == 128 else 0.0), (r, dv)
+  # Staged O would not leave room for the direct-store tiles' key stages.
+  for r, dv in ((64, 128), (64, 256)):
+    tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16), stage_out=True)
+    assert tiles.forward_smem_bytes(r, dv, 2) > mosaic_tiles.SMEM_BYTES - 8192, (r, dv)
 
 
 def test_tiles_are_validated():
@@ -274,9 +314,29 @@ def test_conditional_rescale_lowers_for_cuda_on_cpu(r, causal):
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if tiles.fused_bwd else 3)
   # The warpgroup-wide OR that guards the O rescale is in the forward kernel ...
   assert "bar.red.or.pred" in text
-  # ... and only there: the default forward has none.
+  # ... and only there; the table picks it for r = dv = 128 only.
   default = lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=causal)[0], *args)
-  assert "bar.red.or.pred" not in default
+  assert ("bar.red.or.pred" in default) == (r == dv)
+
+
+@pytest.mark.parametrize("r,dv,overrides", [(64, 256, {"block_kv": 128}),
+                                             (64, 128, {"block_kv": 256})])
+def test_direct_out_lowers_for_cuda_on_cpu(r, dv, overrides):
+  """stage_out=False: no O staging buffer, so these key tiles fit shared memory (with
+  the staging buffer they do not: the smem check rejects them)."""
+  args = (jax.ShapeDtypeStruct((1, 1000, 4, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, dv), jnp.bfloat16))
+  base = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, jnp.bfloat16), stage_out=True,
+                             **overrides)
+  direct = dataclasses.replace(base, stage_out=False)
+  assert direct.forward_smem_bytes(r, dv, 2) <= mosaic_tiles.SMEM_BYTES
+  assert base.forward_smem_bytes(r, dv, 2) > mosaic_tiles.SMEM_BYTES
+  text = lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=True, tiles=direct)[0],
+                        *args)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  with pytest.raises(ValueError, match="shared memory"):
+    lower_for_h100(lambda q, k, v: mosaic.forward(q, k, v, causal=True, tiles=base)[0], *args)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -92,6 +92,19 @@ def any_row_greater(new, old):
   return warpgroup_any(new, old)
 
 
+def store_to_gmem(ref, value):
+  """`ref[...] = value` for a GMEM ref, from registers (no shared memory, no TMA).
+
+  A WGMMA-layout tile writes 4-byte pieces of rows: not whole 32-byte sectors, which
+  jax >= 0.12 accepts only as an explicitly unoptimized store (`plgpu.store`); jax 0.11
+  has no `plgpu.store` and emits the same element stores for `ref[...] = value`."""
+  store = getattr(plgpu, "store", None)
+  if store is None:
+    ref[...] = value
+  else:
+    store(ref, value, optimized=False)
+
+
 def kv_loop(step, carry, plain_tiles, num_tiles, *, masked_tail: bool):
   """A consumer's loop over its streamed tiles: `step(t, carry, masked=False)` for tiles
   [0, plain_tiles), then, when `masked_tail` (causal diagonal or padding keys),

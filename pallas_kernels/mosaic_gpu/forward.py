@@ -71,7 +71,7 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       plgpu.set_max_registers(232, action="increase")
       q_base = (qi * wgs + wg) * block_q
       q_pos = q_base + q_offset if q_offset else q_base  # position for the causal mask
-      q_smem, o_smem, lse_smem = q_smems.at[wg], o_smems.at[wg], lse_smems.at[wg]
+      q_smem, lse_smem = q_smems.at[wg], lse_smems.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], q_smem,
                               q_loaded.at[wg])
       # This warpgroup's tiles: [0, wg_tiles); [0, plain_tiles) need no mask.
@@ -181,10 +181,15 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
 
       # Epilogue: O / l and lse = ln(sum exp(s)) = ln2 * (m + log2 l).
       acc = acc * common.row_bcast(1.0 / l_i, acc.shape)
-      o_smem[...] = acc.astype(dtype)
+      out_view = out_ref.at[bi, pl.ds(q_base, block_q), hi]
+      if o_smems is None:  # straight from registers (frees block_q * dv of shared memory)
+        common.store_to_gmem(out_view, acc.astype(dtype))
+      else:
+        o_smems.at[wg][...] = acc.astype(dtype)
       lse_smem[...] = m_i * LN2 + jnp.log(l_i)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(q_base, block_q), hi])
+      if o_smems is not None:
+        plgpu.copy_smem_to_gmem(o_smems.at[wg], out_view)
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, block_q)])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -203,7 +208,8 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
   def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
     smem = (
         plgpu.SMEM((wgs, block_q, r), dtype, transforms=common.smem_transforms(r, dtype)),
-        plgpu.SMEM((wgs, block_q, dv), dtype, transforms=common.smem_transforms(dv, dtype)),
+        (plgpu.SMEM((wgs, block_q, dv), dtype, transforms=common.smem_transforms(dv, dtype))
+         if tiles.stage_out else None),
         plgpu.SMEM((wgs, block_q), jnp.float32),
         plgpu.SMEM((stages, block_kv, r), dtype, transforms=common.smem_transforms(r, dtype)),
         plgpu.SMEM((stages, block_kv, dv), dtype,

@@ -6,6 +6,7 @@ Widths: `r` is the score width (Q_rep / K_fused head dim), `dv` the value width.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -36,9 +37,12 @@ class Tiles:
   # Forward: keep a stale row max and skip the O rescale of a key tile unless some row's
   # max grew by more than this (log2 units; FlashAttention-4's conditional rescaling).
   # P may then reach 2^rescale_threshold. 0 = rescale every tile (no stale max).
-  # Experimental: lowered for CUDA on a CPU, not yet run on a GPU (2026-12-06); the
-  # table never picks it.
+  # A gain only for wide scores (r = dv = 128); slower for narrow ones (pick_tiles).
   rescale_threshold: float = 0.0
+  # Forward epilogue: stage O in shared memory and copy it out by TMA (True), or store it
+  # from registers (False), which frees compute_wgs * block_q * dv of shared memory for
+  # wider key tiles.
+  stage_out: bool = True
 
   def __post_init__(self):
     # wgmma works on 64-row warpgroup tiles; the key tiles are wgmma N/K dims.
@@ -61,16 +65,16 @@ class Tiles:
   @property
   def q_multiple(self) -> int:
     """Query-length multiple every kernel needs (the wrapper pads to it)."""
-    return max(self.compute_wgs * self.block_q, self.compute_wgs_bwd * self.block_q_dq,
-               self.block_q_dkv)
+    return math.lcm(self.compute_wgs * self.block_q, self.compute_wgs_bwd * self.block_q_dq,
+                    self.block_q_dkv)
 
   @property
   def kv_multiple(self) -> int:
     """Key-length multiple every kernel needs (the wrapper pads to it)."""
-    return max(self.block_kv, self.block_kv_dq, self.compute_wgs_bwd * self.block_kv_dkv)
+    return math.lcm(self.block_kv, self.block_kv_dq, self.compute_wgs_bwd * self.block_kv_dkv)
 
   def forward_smem_bytes(self, r: int, dv: int, itemsize: int) -> int:
-    q_o = self.compute_wgs * self.block_q * (r + dv) * itemsize
+    q_o = self.compute_wgs * self.block_q * (r + (dv if self.stage_out else 0)) * itemsize
     kv = self.stages * self.block_kv * (r + dv) * itemsize
     return q_o + kv + self.compute_wgs * self.block_q * 4
 
@@ -103,13 +107,30 @@ def pick_tiles(r: int, dv: int, dtype) -> Tiles:
   block_kv=256 for narrow scores, r <= 32 with dv <= 128: 2.432 vs 2.687 ms at r=32 (causal
   1.207 vs 1.352), 2.400 vs 2.577 ms at r=16 (block_kv=192 at r=32: 2.571); fewer, longer
   key steps halve the per-tile barrier and ping-pong overhead that narrow scores expose.
+
+  Later still (H100, 2026-12-06 fifth session, `--groups cudnn,fwd_direct_out,fwd_rescale`):
+  - O stored from registers (`stage_out=False`), which frees its staging buffer, then
+    wider key tiles: dv=256 block_kv 64 -> 128, 4.867 -> 4.418 ms at r=64 (causal 2.513 ->
+    2.205), 4.498 -> 4.223 at r=32 (2.324 -> 1.959); r=64, dv=128 block_kv 128 -> 256,
+    2.853 -> 2.689 (1.491 -> 1.440). Where nothing wider fits it is not used: direct
+    stores alone were 2% slower (4.968 vs 4.867 at r=64/dv=256, 2.603 vs 2.517 at r=32).
+  - the conditional O rescale (`rescale_threshold=8`) at r = dv = 128 (G=1): 3.705 -> 3.530
+    (causal 1.829 -> 1.777; an earlier run 3.671 -> 3.610); at r=32 and 16 it was 6-8%
+    slower (2.513 -> 2.669 at r=32), and at d=64 14% (2.046 -> 2.339): narrow scores keep
+    rescaling every tile.
   """
   del dtype
   itemsize = jnp.dtype(jnp.bfloat16).itemsize
-  block_kv = 64 if dv > 128 else 256 if r <= 32 else 128
-  tiles = Tiles(block_kv=block_kv)
-  while tiles.block_kv > 64 and tiles.forward_smem_bytes(r, dv, itemsize) > SMEM_BYTES - 8192:
-    tiles = dataclasses.replace(tiles, block_kv=tiles.block_kv // 2)
+  budget = SMEM_BYTES - 8192
+  block_kv = 128 if dv > 128 else 256 if r < dv else 128
+  tiles = Tiles(block_kv=block_kv, rescale_threshold=8.0 if r == dv >= 128 else 0.0)
+  if tiles.forward_smem_bytes(r, dv, itemsize) > budget:
+    # O stored from registers: its staging buffer is what keeps these key tiles out.
+    tiles = dataclasses.replace(tiles, stage_out=False)
+  if tiles.forward_smem_bytes(r, dv, itemsize) > budget:
+    tiles = dataclasses.replace(tiles, stage_out=True)
+    while tiles.block_kv > 64 and tiles.forward_smem_bytes(r, dv, itemsize) > budget:
+      tiles = dataclasses.replace(tiles, block_kv=tiles.block_kv // 2)
   fused = dataclasses.replace(tiles, fused_bwd=True)
   if r < dv <= 128 and fused.dkv_smem_bytes(r, dv, itemsize) <= SMEM_BYTES - 8192:
     return fused
