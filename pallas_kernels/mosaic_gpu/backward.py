@@ -39,10 +39,13 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
   dtype = q.dtype
   wgs, block_q, block_kv = tiles.compute_wgs_bwd, tiles.block_q_dq, tiles.block_kv_dq
   assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
-  num_kv_tiles = kv_len_padded // block_kv
+  assert 0 < kv_len <= kv_len_padded
+  # Tiles holding a real key: the rest of the padded buffer (the wrapper pads keys to a
+  # multiple of every kernel's tile, which can exceed this one's) is never streamed.
+  num_kv_tiles = -(-kv_len // block_kv)
   stages = min(tiles.stages_bwd, num_kv_tiles)
   q_per_k, q_per_v = heads // k_heads, heads // v_heads
-  kv_tail = kv_len < kv_len_padded
+  kv_tail = kv_len % block_kv != 0  # the last tile streamed holds padding keys to mask
   cta_rows = wgs * block_q
   consumer_regs, producer_regs = _regs(wgs)
 

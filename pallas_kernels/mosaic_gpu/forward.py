@@ -7,7 +7,8 @@ accumulator and output dv wide. The two consumers ping-pong through a schedule b
 that one issues its wgmmas while the other computes its softmax (FlashAttention-3 §3.1).
 
 Inputs are padded by the caller: Tq a multiple of compute_wgs * block_q, Tk of block_kv;
-`kv_len` (static) is the real key count, keys past it are masked in the last tile.
+`kv_len` (static) is the real key count: tiles past it are not streamed, keys past it
+in the last tile streamed are masked.
 Outputs: out [B, Tq, H, dv] (input dtype) and lse [B, H, Tq] float32 (natural log).
 """
 
@@ -35,10 +36,13 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
   if wgs != 2:
     raise ValueError("the forward kernel ping-pongs exactly 2 consumer warpgroups")
   assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
-  num_kv_tiles = kv_len_padded // block_kv
+  assert 0 < kv_len <= kv_len_padded
+  # Tiles holding a real key: the rest of the padded buffer (the wrapper pads keys to a
+  # multiple of every kernel's tile, which can exceed this one's) is never streamed.
+  num_kv_tiles = -(-kv_len // block_kv)
   stages = min(tiles.stages, num_kv_tiles)
   q_per_k, q_per_v = heads // k_heads, heads // v_heads
-  kv_tail = kv_len < kv_len_padded  # the last kv tile holds padding keys to mask
+  kv_tail = kv_len % block_kv != 0  # the last tile streamed holds padding keys to mask
   rescale_threshold = float(tiles.rescale_threshold)  # 0: rescale O every tile
   cta_rows = wgs * block_q
 
