@@ -106,6 +106,8 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="tiny CPU shapes (smoke test)")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls, at least")
+  p.add_argument("--calls-per-sync", type=int, default=1,
+                 help="calls dispatched back to back per synchronisation (timing.time_fn)")
   p.add_argument("--tag", default="", help="suffix of the output file names")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
@@ -131,7 +133,8 @@ def main(argv=None):
             try:
               ms = timing.time_fn(f, sets, warmup=1 if args.quick else 3,
                                   reps=2 if args.quick else args.reps,
-                                  min_time_s=0 if args.quick else args.min_time)
+                                  min_time_s=0 if args.quick else args.min_time,
+                                  calls_per_sync=args.calls_per_sync)
             except Exception as e:  # noqa: BLE001  (OOM, unsupported: recorded, not fatal)
               print(f"{name} n={n} d={d} causal={causal} {mode}: {type(e).__name__}: "
                     f"{str(e)[:200]}", file=sys.stderr)

@@ -109,11 +109,13 @@ def pick_tiles(r: int, dv: int, dtype) -> Tiles:
   key steps halve the per-tile barrier and ping-pong overhead that narrow scores expose.
 
   Later still (H100, 2026-12-06 fifth session, `--groups cudnn,fwd_direct_out,fwd_rescale`):
-  - O stored from registers (`stage_out=False`), which frees its staging buffer, then
-    wider key tiles: dv=256 block_kv 64 -> 128, 4.867 -> 4.418 ms at r=64 (causal 2.513 ->
-    2.205), 4.498 -> 4.223 at r=32 (2.324 -> 1.959); r=64, dv=128 block_kv 128 -> 256,
-    2.853 -> 2.689 (1.491 -> 1.440). Where nothing wider fits it is not used: direct
-    stores alone were 2% slower (4.968 vs 4.867 at r=64/dv=256, 2.603 vs 2.517 at r=32).
+  - O stored from registers (`stage_out=False`) where its staging buffer is what keeps
+    wider key tiles out of shared memory: dv=256 block_kv 64 -> 128 at r=64, 4.867 ->
+    4.418 ms (causal 2.513 -> 2.205); r=64, dv=128 block_kv 128 -> 256, 2.853 -> 2.689
+    (1.491 -> 1.440). Where the staged buffer fits it is kept: direct stores alone were
+    2% slower (4.968 vs 4.867 at r=64/dv=256 with 64 keys, 2.603 vs 2.517 at r=32/dv=128),
+    and at r=32/dv=256 128-key tiles fit staged: 4.057 ms staged vs 4.094 direct (causal
+    1.883 vs 2.086), against 4.498 (2.324) with 64-key tiles.
   - the conditional O rescale (`rescale_threshold=8`) at r = dv = 128 (G=1): 3.705 -> 3.530
     (causal 1.829 -> 1.777; an earlier run 3.671 -> 3.610); at r=32 and 16 it was 6-8%
     slower (2.513 -> 2.669 at r=32), and at d=64 14% (2.046 -> 2.339): narrow scores keep
