@@ -89,6 +89,14 @@ def _groups():
           ("d=256 G=4 (direct out, block_kv=128)", 256, 4, None),
           ("d=256 G=2", 256, 2, None),
       ],
+      # Three consumer warpgroups in the backward kernels (64 queries / keys each; 160
+      # registers a thread instead of 232), timed forward+backward.
+      "bwd_wgs3": [
+          ("d=128 G=4", 128, 4, None),
+          ("d=128 G=4 compute_wgs_bwd=3", 128, 4, {"compute_wgs_bwd": 3}),
+          ("d=128 G=1", 128, 1, None),
+          ("d=128 G=1 compute_wgs_bwd=3", 128, 1, {"compute_wgs_bwd": 3}),
+      ],
       # The exact (G=1) backward's tiles (timed forward+backward only).
       "g1_bwd": [
           ("d=128 G=1", 128, 1, None),
@@ -150,6 +158,7 @@ def run_group(name, modes, out_path):
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
       group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"], "g1_bwd": ["fwd+bwd"],
+                     "bwd_wgs3": ["fwd+bwd"],
                      "fwd_direct_out": ["fwd"], "fwd_table_d256": ["fwd"],
                      "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"],
                      "fwd_rescale": ["fwd"]}.get(name, modes)
