@@ -55,8 +55,8 @@ if [ "$what" = prep ]; then
   grep -h "^d=" "$out"/prep-d*.log
 fi
 if [ "$what" = rescale ]; then
-  # The experimental conditional O rescale (Tiles.rescale_threshold; written 2026-12-06,
-  # not yet run on a GPU): its parity tests, then its forward time against the shipped one.
+  # The conditional O rescale (Tiles.rescale_threshold; shipped for r = dv = 128 only,
+  # 2026-12-06): its parity tests, then its forward time against rescaling every tile.
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python -m pytest -q -m gpu -o addopts= \
     -p no:cacheprovider tests/test_mosaic_gpu.py -k rescale 2>&1 | grep -E "passed|failed|Error" | tail -8
   timeout 420 python benchmarks/mosaic_kernel_speed.py --groups cudnn,fwd_rescale --modes fwd \
