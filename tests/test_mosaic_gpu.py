@@ -88,6 +88,16 @@ def _check(got, want, what, tol):
   assert err < tol and worst < 10 * tol, f"{what}: rel L2 {err:.2e}, worst {worst:.2e}"
 
 
+def _check_forward(q, k, v, causal, tiles, tol):
+  """The forward kernel's out and lse against the float32 reference; returns out_ref."""
+  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
+  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
+  assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
+  _check(out, out_ref, "out", tol)
+  _check(lse, lse_ref, "lse", 1e-3)
+  return out_ref
+
+
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("r,dv,causal,dtype,heads,k_heads,v_heads,q_len,kv_len,backward", CASES)
@@ -98,11 +108,7 @@ def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_
   tiles = _tiles(r, dv, dtype, backward)
   tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
   # Same static arguments as the custom VJP's forward, so that it compiles once.
-  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
-  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
-  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
-  _check(out, out_ref, "out", tol)
-  _check(lse, lse_ref, "lse", 1e-3)
+  out_ref = _check_forward(q, k, v, causal, tiles, tol)
 
   out2, vjp = jax.vjp(lambda q, k, v: mosaic.attention(q, k, v, causal=causal, tiles=tiles),
                       q, k, v)
@@ -160,12 +166,7 @@ def test_forward_conditional_rescale(r, dv, causal, dtype, heads, k_heads, v_hea
   if ramp:
     q, k = _ramp_scores(q, k, ramp)
   tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), rescale_threshold=8.0)
-  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
-  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
-  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
-  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
-  _check(out, out_ref, "out", tol)
-  _check(lse, lse_ref, "lse", 1e-3)
+  _check_forward(q, k, v, causal, tiles, 1e-2 if dtype == jnp.bfloat16 else 5e-3)
 
 
 # (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len, tiles overrides):
@@ -191,12 +192,7 @@ def test_forward_direct_out(r, dv, causal, dtype, heads, k_heads, v_heads, q_len
                        v_heads, r, dv, dtype)
   tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), stage_out=False,
                               **overrides)
-  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
-  out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
-  out_ref, lse_ref = _reference_jit(q, k, v, causal=causal)
-  assert out.shape == (1, q_len, heads, dv) and out.dtype == dtype
-  _check(out, out_ref, "out", tol)
-  _check(lse, lse_ref, "lse", 1e-3)
+  _check_forward(q, k, v, causal, tiles, 1e-2 if dtype == jnp.bfloat16 else 5e-3)
 
 
 def reference_blocked(q, k, v, group_block_q, causal):
