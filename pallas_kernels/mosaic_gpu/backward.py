@@ -38,33 +38,19 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
   v_heads, dv = v.shape[2], v.shape[3]
   dtype = q.dtype
   wgs, block_q, block_kv = tiles.compute_wgs_bwd, tiles.block_q_dq, tiles.block_kv_dq
-  assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
-  assert 0 < kv_len <= kv_len_padded
-  # Tiles holding a real key: the rest of the padded buffer (the wrapper pads keys to a
-  # multiple of every kernel's tile, which can exceed this one's) is never streamed.
-  num_kv_tiles = -(-kv_len // block_kv)
+  assert q_len % (wgs * block_q) == 0
+  num_kv_tiles, kv_tail = common.streamed_key_tiles(kv_len, kv_len_padded, block_kv)
   stages = min(tiles.stages_bwd, num_kv_tiles)
   q_per_k, q_per_v = heads // k_heads, heads // v_heads
-  kv_tail = kv_len % block_kv != 0  # the last tile streamed holds padding keys to mask
   cta_rows = wgs * block_q
   consumer_regs, producer_regs = _regs(wgs)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, rows_loaded,
              kv_loaded, kv_free):
     q_smems, do_smems, lse_smems, delta_smems, k_smems, v_smems = smem
-    bi = lax.axis_index("batch")
-    hi = lax.axis_index("heads")
-    qi = lax.axis_index("q_tiles")
-    if causal:  # launch the longest rows (last query tiles) first: less tail at the end
-      qi = (q_len // cta_rows - 1) - qi
-    wg = lax.axis_index("wg")
-    if causal:
-      cta_end = (qi + 1) * cta_rows
-      if q_offset:
-        cta_end = cta_end + q_offset
-      cta_tiles = jnp.minimum(cdiv(cta_end, block_kv), num_kv_tiles)
-    else:
-      cta_tiles = num_kv_tiles
+    bi, hi, qi, wg, cta_tiles = common.query_tile_cta(
+        q_len=q_len, cta_rows=cta_rows, block_kv=block_kv, num_kv_tiles=num_kv_tiles,
+        causal=causal, q_offset=q_offset)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -79,13 +65,8 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
       plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, barrier)
       plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem, barrier)
       plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem, barrier)
-      if causal:
-        wg_tiles = jnp.minimum(cdiv(q_pos + block_q, block_kv), num_kv_tiles)
-        plain_tiles = jnp.minimum(lax.div(q_pos, i32(block_kv)),
-                                  num_kv_tiles - 1 if kv_tail else num_kv_tiles)
-      else:
-        wg_tiles = num_kv_tiles
-        plain_tiles = num_kv_tiles - 1 if kv_tail else num_kv_tiles
+      wg_tiles, plain_tiles = common.query_rows_key_tiles(
+          q_pos, block_q, block_kv, num_kv_tiles, causal=causal, kv_tail=kv_tail)
       plgpu.barrier_wait(barrier)
       lse2 = plgpu.load(lse_smem, layout=WGMMA_ROW) * LOG2E
       delta = plgpu.load(delta_smem, layout=WGMMA_ROW)
@@ -101,14 +82,8 @@ def dq_call(q, k, v, do, lse, delta, *, causal: bool, kv_len: int, tiles: Tiles,
         s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
         p = jnp.exp2(s * LOG2E - common.row_bcast(lse2, s.shape))
         if masked:
-          rows_i = q_pos + common.iota(s.shape, 0)
-          cols = t * block_kv + common.iota(s.shape, 1)
-          valid = None
-          if causal:
-            valid = cols <= rows_i
-          if kv_tail:
-            in_len = cols < kv_len
-            valid = in_len if valid is None else jnp.logical_and(valid, in_len)
+          valid = common.key_mask(s.shape, q_pos, t, block_kv, causal=causal,
+                                  kv_len=kv_len if kv_tail else None)
           p = jnp.where(valid, p, 0.0)
 
         def dprobs(dp_ref):  # dP = dO V^T

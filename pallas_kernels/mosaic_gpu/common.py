@@ -105,6 +105,67 @@ def store_to_gmem(ref, value):
     store(ref, value, optimized=False)
 
 
+def streamed_key_tiles(kv_len: int, kv_len_padded: int, block_kv: int) -> tuple[int, bool]:
+  """(key tiles streamed, whether the last one holds padding keys to mask).
+
+  Only tiles holding a real key are streamed: the wrapper pads keys to a multiple of
+  every kernel's tile, which can exceed this one's, and the rest is never read."""
+  assert 0 < kv_len <= kv_len_padded and kv_len_padded % block_kv == 0
+  return -(-kv_len // block_kv), kv_len % block_kv != 0
+
+
+def query_tile_cta(*, q_len: int, cta_rows: int, block_kv: int, num_kv_tiles: int,
+                   causal: bool, q_offset: int):
+  """Grid indices of a CTA over query tiles (forward, dQ) and the key tiles it streams.
+
+  Returns (batch, head, query tile, warpgroup, key tiles). Causal grids launch the longest
+  rows (the last query tiles) first, which leaves less tail at the end, and stop at the
+  diagonal of the CTA's last query row."""
+  bi = lax.axis_index("batch")
+  hi = lax.axis_index("heads")
+  qi = lax.axis_index("q_tiles")
+  if causal:
+    qi = (q_len // cta_rows - 1) - qi
+  wg = lax.axis_index("wg")
+  if causal:
+    cta_end = (qi + 1) * cta_rows
+    if q_offset:
+      cta_end = cta_end + q_offset
+    cta_tiles = jnp.minimum(cdiv(cta_end, block_kv), num_kv_tiles)
+  else:
+    cta_tiles = num_kv_tiles
+  return bi, hi, qi, wg, cta_tiles
+
+
+def query_rows_key_tiles(q_pos, block_q: int, block_kv: int, num_kv_tiles: int, *,
+                         causal: bool, kv_tail: bool):
+  """Key tiles of a warpgroup whose rows start at position q_pos: (all, plain), where
+  tiles [0, all) are streamed and [0, plain) need no mask (causal diagonal and the tile
+  holding padding keys are masked)."""
+  if causal:
+    wg_tiles = jnp.minimum(cdiv(q_pos + block_q, block_kv), num_kv_tiles)
+    plain_tiles = jnp.minimum(lax.div(q_pos, i32(block_kv)),
+                              num_kv_tiles - 1 if kv_tail else num_kv_tiles)
+  else:
+    wg_tiles = num_kv_tiles
+    plain_tiles = num_kv_tiles - 1 if kv_tail else num_kv_tiles
+  return wg_tiles, plain_tiles
+
+
+def key_mask(shape, q_pos, tile, block_kv: int, *, causal: bool, kv_len: int | None):
+  """Which entries of key tile `tile`'s [rows, block_kv] scores are real, for rows from
+  position q_pos: key <= row (causal) and key < kv_len (None: the tile holds no padding)."""
+  rows = q_pos + iota(shape, 0)
+  cols = tile * block_kv + iota(shape, 1)
+  valid = None
+  if causal:
+    valid = cols <= rows
+  if kv_len is not None:
+    in_len = cols < kv_len
+    valid = in_len if valid is None else jnp.logical_and(valid, in_len)
+  return valid
+
+
 def kv_loop(step, carry, plain_tiles, num_tiles, *, masked_tail: bool):
   """A consumer's loop over its streamed tiles: `step(t, carry, masked=False)` for tiles
   [0, plain_tiles), then, when `masked_tail` (causal diagonal or padding keys),

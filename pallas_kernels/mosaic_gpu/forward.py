@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.mosaic_gpu import common
-from pallas_kernels.mosaic_gpu.common import LN2, LOG2E, MASKED, WGMMA_ROW, cdiv, i32
+from pallas_kernels.mosaic_gpu.common import LN2, LOG2E, MASKED, WGMMA_ROW, i32
 from pallas_kernels.mosaic_gpu.tiles import Tiles
 
 
@@ -35,14 +35,10 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
   wgs, block_q, block_kv = tiles.compute_wgs, tiles.block_q, tiles.block_kv
   if wgs != 2:
     raise ValueError("the forward kernel ping-pongs exactly 2 consumer warpgroups")
-  assert q_len % (wgs * block_q) == 0 and kv_len_padded % block_kv == 0
-  assert 0 < kv_len <= kv_len_padded
-  # Tiles holding a real key: the rest of the padded buffer (the wrapper pads keys to a
-  # multiple of every kernel's tile, which can exceed this one's) is never streamed.
-  num_kv_tiles = -(-kv_len // block_kv)
+  assert q_len % (wgs * block_q) == 0
+  num_kv_tiles, kv_tail = common.streamed_key_tiles(kv_len, kv_len_padded, block_kv)
   stages = min(tiles.stages, num_kv_tiles)
   q_per_k, q_per_v = heads // k_heads, heads // v_heads
-  kv_tail = kv_len % block_kv != 0  # the last tile streamed holds padding keys to mask
   rescale_threshold = float(tiles.rescale_threshold)  # 0: rescale O every tile
   cta_rows = wgs * block_q
 
@@ -50,21 +46,10 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
     q_smems, o_smems, lse_smems, k_smems, v_smems = smem
     q_loaded, k_loaded, v_loaded = loaded
     k_free, v_free = free
-    bi = lax.axis_index("batch")
-    hi = lax.axis_index("heads")
-    qi = lax.axis_index("q_tiles")
-    if causal:  # launch the longest rows (last query tiles) first: less tail at the end
-      qi = (q_len // cta_rows - 1) - qi
-    wg = lax.axis_index("wg")
-
-    # kv tiles this CTA streams: causal stops at the diagonal of its last query row.
-    if causal:
-      cta_end = (qi + 1) * cta_rows
-      if q_offset:
-        cta_end = cta_end + q_offset
-      cta_tiles = jnp.minimum(cdiv(cta_end, block_kv), num_kv_tiles)
-    else:
-      cta_tiles = num_kv_tiles
+    # Causal CTAs stream key tiles up to the diagonal of their last query row.
+    bi, hi, qi, wg, cta_tiles = common.query_tile_cta(
+        q_len=q_len, cta_rows=cta_rows, block_kv=block_kv, num_kv_tiles=num_kv_tiles,
+        causal=causal, q_offset=q_offset)
 
     def schedule_sync():
       plgpu.barrier_arrive(schedule)
@@ -79,13 +64,8 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], q_smem,
                               q_loaded.at[wg])
       # This warpgroup's tiles: [0, wg_tiles); [0, plain_tiles) need no mask.
-      if causal:
-        wg_tiles = jnp.minimum(cdiv(q_pos + block_q, block_kv), num_kv_tiles)
-        plain_tiles = jnp.minimum(lax.div(q_pos, i32(block_kv)),
-                                  num_kv_tiles - 1 if kv_tail else num_kv_tiles)
-      else:
-        wg_tiles = num_kv_tiles
-        plain_tiles = num_kv_tiles - 1 if kv_tail else num_kv_tiles
+      wg_tiles, plain_tiles = common.query_rows_key_tiles(
+          q_pos, block_q, block_kv, num_kv_tiles, causal=causal, kv_tail=kv_tail)
 
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
       l_i = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
@@ -111,14 +91,8 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
         plgpu.barrier_arrive(k_free.at[slot])
 
         if masked:  # diagonal tile (causal) and/or the tile holding padding keys
-          rows = q_pos + common.iota(s.shape, 0)
-          cols = t * block_kv + common.iota(s.shape, 1)
-          valid = None
-          if causal:
-            valid = cols <= rows
-          if kv_tail:
-            in_len = cols < kv_len
-            valid = in_len if valid is None else jnp.logical_and(valid, in_len)
+          valid = common.key_mask(s.shape, q_pos, t, block_kv, causal=causal,
+                                  kv_len=kv_len if kv_tail else None)
           s = jnp.where(valid, s, MASKED)
 
         # Online softmax in base 2 (log2(e) folded into one FMA per score).
