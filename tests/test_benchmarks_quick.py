@@ -3,7 +3,7 @@
 import json
 import os
 
-from benchmarks import accuracy, memory, speed
+from benchmarks import accuracy, memory, speed, timing
 
 
 def test_speed_quick(tmp_path):
@@ -13,6 +13,24 @@ def test_speed_quick(tmp_path):
   assert {r["impl"] for r in rows} >= {"ours G=1", "distr G=2 bq=16", "xla"}
   assert all(r["ms"] and r["ms"] > 0 for r in rows)
   assert any(p.endswith(".png") for p in os.listdir(tmp_path))
+
+
+def test_time_fn_counts_calls_per_sync():
+  """calls_per_sync=k: k calls per synchronisation, time per call; every call runs."""
+  calls = []
+
+  def fn(x):
+    calls.append(x)
+    return x
+
+  sets = [(1,), (2,)]
+  ms = timing.time_fn(fn, sets, warmup=1, reps=20, min_time_s=0, calls_per_sync=5)
+  assert ms >= 0
+  assert len(calls) == 1 + 5 * 5  # warm-up, then max(3, 20 // 5 + 1) = 5 rounds of 5
+  assert set(calls) == {1, 2}  # inputs rotated
+  calls.clear()
+  timing.time_fn(fn, sets, warmup=0, reps=4, min_time_s=0)
+  assert len(calls) == 4  # one synchronised call per rep
 
 
 def test_memory_quick(tmp_path):
