@@ -5,9 +5,9 @@ Grouping in XLA (Q_rep with the softmax scale folded in, K_fused), attention in
 and backward, causal, GQA (K_fused may have one head per query head while V keeps its
 kv heads). One grouping block per sequence runs one kernel call; grouping blocks of a
 multiple of 128 rows run one call per block with that block's K_fused.
-Measured on an H100 (docs/KERNEL_NOTES.md, 2026-11-25): 1.31x cuDNN forward and 1.47x
-forward+backward at d=128, G=4, N=16384 (kernel time); G=1 is 0.99x forward, 0.90x
-forward+backward.
+Measured on an H100 (docs/KERNEL_NOTES.md, latest 2026-12-06, kernel time): 1.39x cuDNN
+forward and ~1.49x forward+backward at d=128, G=4, N=16384; 1.51x forward at d=256, G=4;
+G=1 (exact) 0.99x forward, 0.90-0.92x forward+backward.
 """
 
 from __future__ import annotations
