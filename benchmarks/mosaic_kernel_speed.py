@@ -127,12 +127,18 @@ def _time(fn, args, rounds=5, iters=10):
   return statistics.median(times), min(times)
 
 
+# Groups of backward variants: timed forward+backward only ("fwd_*" groups: forward only).
+BACKWARD_GROUPS = ("variants", "g1_bwd", "bwd_wgs3")
+
+
 def run_group(name, modes, out_path):
   import jax
   import jax.numpy as jnp
   from pallas_kernels.mosaic_gpu import attention as mosaic
   from pallas_kernels.mosaic_gpu import tiles as mosaic_tiles
 
+  group_modes = (["fwd"] if name.startswith("fwd_") else
+                 ["fwd+bwd"] if name in BACKWARD_GROUPS else modes)
   for label, d, group, overrides in _groups()[name]:
     for causal in (False, True):
       r = d if group == 0 else d // group
@@ -157,11 +163,6 @@ def run_group(name, modes, out_path):
           "fwd": jax.jit(attn),
           "fwd+bwd": jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)),
       }
-      group_modes = {"variants": ["fwd+bwd"], "fwd_variants": ["fwd"], "g1_bwd": ["fwd+bwd"],
-                     "bwd_wgs3": ["fwd+bwd"],
-                     "fwd_direct_out": ["fwd"], "fwd_table_d256": ["fwd"],
-                     "fwd_block_kv": ["fwd"], "fwd_block_kv_d64": ["fwd"],
-                     "fwd_rescale": ["fwd"]}.get(name, modes)
       for mode in group_modes:
         args = (q, k, v) if mode == "fwd" else (q, k, v, do)
         row = dict(label=label, d=d, G=group, r=r, dv=dv, causal=causal, mode=mode,

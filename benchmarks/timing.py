@@ -30,7 +30,8 @@ def time_fn(fn, input_sets, *, warmup=3, reps=20, min_time_s=0.2, calls_per_sync
   calls_per_sync=1: each call synchronised on its own, so host dispatch of every kernel
   launch counts. calls_per_sync=k > 1: k calls dispatched back to back per
   synchronisation (the time per call), as in a jitted model whose host runs ahead of the
-  GPU; this is close to GPU time."""
+  GPU; this is close to GPU time. There the median is over max(3, reps // k + 1) rounds
+  and min_time_s is not used."""
   for i in range(warmup):
     jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
   if calls_per_sync > 1:
