@@ -32,8 +32,12 @@ import numpy as np
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
 # (d, r, num_warps, precision of the d-deep products, of the r x r ones, steps, block_d
-#  [, Newton-Schulz polynomials per inner orthonormalisation, in the final one
-#   [, whether the random start is orthonormalised]])
+#  [, plan: Newton-Schulz polynomials per half step, lowrank_factor.factor_pair])
+# Rows from before the sixth session named their plan by inner / final polynomial counts
+# and whether the start was orthonormalised: "-i4-f7" with the start is the plan
+# (4, 4, 4, 4, 7), "-nostart" drops the first 4. Their results are in the JSON files of
+# 2026-12-06 (runs 1-6) under those names.
+OLD_DEFAULT = (4, 4, 4, 4, 7)   # the plan shipped until the sixth session
 VARIANTS = [
     (128, 32, 4, "tf32x3", "ieee", 4, 128), (128, 32, 4, "tf32x3", "ieee", 2, 128),
     (128, 32, 4, "tf32x3", "tf32x3", 2, 128), (128, 32, 2, "tf32x3", "ieee", 2, 128),
@@ -54,30 +58,34 @@ VARIANTS = [
     (128, 32, 8, "tf32x3", "tf32", 2, 128), (128, 32, 8, "tf32", "tf32", 2, 128),
     (64, 16, 8, "tf32x3", "ieee", 2, 64), (64, 16, 8, "tf32x3", "tf32", 2, 64),
     # shorter chains (run 6, 2026-12-06; docs/KERNEL_NOTES.md): 3 inner / 6 final
-    # polynomials (10% faster, 0.3-1.5% more error: not adopted); the start not
-    # orthonormalised (15% faster, same error; shipped and reverted the same day: without
-    # unit-trace Grams it overflowed on large activations, docs/KERNEL_NOTES.md)
-    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 7), (128, 32, 8, "tf32x3", "ieee", 2, 128, 4, 6),
-    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 6),
-    (128, 32, 8, "tf32x3", "ieee", 2, 128, 4, 7, False),
-    (128, 32, 8, "tf32x3", "ieee", 2, 128, 3, 6, False),
-    (64, 16, 8, "tf32x3", "ieee", 2, 64, 3, 6, False),
-    (128, 32, 8, "tf32x3", "ieee", 2, 128, 4, 7, True),
+    # polynomials, the start not orthonormalised, both
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (3, 3, 3, 3, 7)),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (4, 4, 4, 4, 6)),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (3, 3, 3, 3, 6)),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (0, 4, 4, 4, 7)),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (0, 3, 3, 3, 6)),
+    (64, 16, 8, "tf32x3", "ieee", 2, 64, (0, 3, 3, 3, 6)),
+    # sixth session: the plan from a query-coefficient start (the default since), its
+    # cheaper and one-step neighbours, the old default with the in-program trace scaling,
+    # 16 warps, and tensor-core r x r products at 8 warps
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, OLD_DEFAULT),
+    (128, 32, 8, "tf32x3", "ieee", 2, 128, (0, 3, 3, 7)),
+    (128, 32, 8, "tf32x3", "ieee", 1, 128),
+    (128, 32, 16, "tf32x3", "ieee", 2, 128),
+    (128, 32, 8, "tf32x3", "tf32x3", 2, 128),
+    (64, 16, 8, "tf32x3", "ieee", 2, 64, OLD_DEFAULT),
 ]
 
 
 def _full(v):
-  """The variant with its Newton-Schulz counts filled in."""
+  """The variant with its plan filled in (the steps' default plan)."""
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
-  return tuple(v) + (lowrank_factor.INNER_ITERS, lowrank_factor.FINAL_ITERS,
-                     lowrank_factor.START_ORTH)[len(v) - 7:]
+  return tuple(v[:7]) + (tuple(v[7]) if len(v) > 7 else lowrank_factor.plan_for_steps(v[5]),)
 
 
 def _name(v):
   name = "d{}-r{}-w{}-{}-{}-s{}-b{}".format(*v[:7])
-  if len(v) > 7:
-    name += "-i{}-f{}".format(*v[7:9])
-  return name + ("" if len(v) < 10 else "-nostart" if not v[9] else "-start")
+  return name + ("-p" + "".join(map(str, v[7])) if len(v) > 7 else "")
 
 
 def _data(d, n=2048, heads=16, seed=0):
@@ -92,12 +100,10 @@ def _data(d, n=2048, heads=16, seed=0):
 
 def _fn(v, interpret=False):
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
-  d, r, warps, precision, small, steps, block_d, inner, final, start = _full(v)
-  del d
+  _, r, warps, precision, small, _, block_d, plan = _full(v)
   return jax.jit(lambda gq, gk: lowrank_factor.factor_grams_kernel(
-      gq, gk, rank=r, steps=steps, num_warps=warps, precision=precision,
-      small_precision=small, block_d=block_d, inner_iters=inner, final_iters=final,
-      start_orth=start, interpret=interpret))
+      gq, gk, rank=r, plan=plan, num_warps=warps, precision=precision,
+      small_precision=small, block_d=block_d, interpret=interpret))
 
 
 def _steep(d, n=512, heads=4, alpha=2.0, seed=0):

@@ -101,26 +101,13 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
 
   `gk` has the batch shape of `gq` or is broadcastable to it from the left (e.g. one key
   Gram shared by every block). `use_kernel`: the fused Pallas program (None: on a GPU).
+  Both paths run `lowrank_factor.factor_pair`, which normalises the Grams to unit trace
+  (float32 overflow) and rescales the maps exactly.
   """
-  d = gq.shape[-1]
-  # Unit-trace Grams: the iteration's products grow as powers of the Grams' scale and
-  # float32 overflows for large activations (trace ~1e8 and more: long sequences, keys
-  # with a large mean). The best maps are scale-equivariant: fitted to Q / sqrt(sq) and
-  # K / sqrt(sk), A B^T is unchanged and only the balance |Q A| = |K B| needs the factor
-  # (sk / sq)^(1/4). The key Gram is scaled before it is broadcast to the query blocks.
-  sq, sk = (jnp.trace(g, axis1=-2, axis2=-1)[..., None, None] for g in (gq, gk))
-  sq, sk = (jnp.where(x > 0, x, 1.0) for x in (sq, sk))
-  gk_unit = jnp.broadcast_to(gk / sk, gq.shape[:-2] + (d, d))
-  a, b = _factor_iter_unit(gq / sq, gk_unit, rank, steps=steps, use_kernel=use_kernel)
-  balance = jnp.sqrt(jnp.sqrt(sk / sq))
-  return a * balance, b / balance
-
-
-def _factor_iter_unit(gq, gk, rank, *, steps, use_kernel):
-  """factor_iter on Grams of one batch shape `[..., d, d]` (normalised by the caller)."""
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
   d = gq.shape[-1]
   batch_shape = gq.shape[:-2]
+  gk = jnp.broadcast_to(gk, batch_shape + (d, d))
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
   if use_kernel and (d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK):
@@ -137,11 +124,13 @@ def _factor_iter_unit(gq, gk, rank, *, steps, use_kernel):
     return a.reshape(batch_shape + (d, rank)), b.reshape(batch_shape + (d, rank))
   z0 = jnp.asarray(lowrank_factor.start_subspace(d, rank))
   hi = jax.lax.Precision.HIGHEST
+  plan = lowrank_factor.plan_for_steps(steps)
 
   def one(gq1, gk1):
     (a,), (b,) = lowrank_factor.factor_pair(
         lambda x: (jnp.matmul(gq1, x[0], precision=hi),),
-        lambda x: (jnp.matmul(gk1, x[0], precision=hi),), (z0,), steps=steps)
+        lambda x: (jnp.matmul(gk1, x[0], precision=hi),), (z0,), plan=plan,
+        trace_q=jnp.trace(gq1), trace_k=jnp.trace(gk1))
     return a, b
 
   a, b = jax.vmap(one)(gq.reshape(-1, d, d), gk.reshape(-1, d, d))

@@ -146,7 +146,13 @@ def test_iteration_reaches_the_exact_optimum(d, group_size):
   exact, _ = _errors(q, k, *lowrank.lowrank_maps(q, k, block_q=128, group_size=group_size,
                                                  method="exact"), 128)
   np.testing.assert_allclose(exact, best, atol=2e-4)
-  assert np.all(got <= 1.05 * best + 1e-4), (got, best)
+  # The default two steps come within 1.06x of the optimum's error on this flat-tailed
+  # data (the plan trades the last percents for GPU time, lowrank_factor.py); more steps
+  # converge to it.
+  assert np.all(got <= 1.08 * best + 1e-4), (got, best)
+  more, _ = _errors(q, k, *lowrank.lowrank_maps(q, k, block_q=128, group_size=group_size,
+                                                method="iter", steps=4), 128)
+  assert np.all(more <= 1.03 * best + 1e-4) and np.all(more <= got + 1e-4), (more, got, best)
 
 
 def test_kernel_matches_xla_iteration():
@@ -660,14 +666,22 @@ def _compose(polys, s):
 
 def test_newton_schulz_polynomials_reach_the_stated_ranges():
   """Every singular value the ridge allows ([1e-3, 1], a margin either side) must land in
-  the ranges lowrank_factor.py states: conditioned after INNER_ITERS polynomials,
-  orthonormal after FINAL_ITERS."""
+  the ranges lowrank_factor.py states: conditioned after INNER_POLYS polynomials,
+  orthonormal after FINAL_POLYS; and the default plan is built from them."""
   polys = lowrank_factor.POLYNOMIALS
   s = np.concatenate([np.geomspace(0.9e-3, 1.001, 20001), np.linspace(0.9e-3, 1.001, 20001)])
-  inner = _compose(polys[:lowrank_factor.INNER_ITERS], s)
+  inner = _compose(polys[:lowrank_factor.INNER_POLYS], s)
   assert 0.42 <= inner.min() and inner.max() <= 1.58, (inner.min(), inner.max())
-  final = _compose(polys[:lowrank_factor.FINAL_ITERS], s)
+  final = _compose(polys[:lowrank_factor.FINAL_POLYS], s)
   assert np.abs(final - 1).max() < 1e-5
+  assert lowrank_factor.plan_for_steps(2) == (0, lowrank_factor.INNER_POLYS,
+                                              lowrank_factor.INNER_POLYS,
+                                              lowrank_factor.FINAL_POLYS)
+  for bad in (0, 1.5):
+    with pytest.raises(ValueError, match="steps must be"):
+      lowrank_factor.plan_for_steps(bad)
+  with pytest.raises(ValueError, match="plan must end"):
+    lowrank_factor.factor_pair(None, None, None, plan=(4, 0))
   with pytest.raises(ValueError, match="iters must be in"):
     lowrank_factor.metric_orth((jnp.eye(4),), (jnp.eye(4),), iters=8)
 

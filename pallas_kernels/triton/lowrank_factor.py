@@ -7,12 +7,15 @@ no column-by-column step):
 
 1. Subspace iteration on S for its top-r right singular subspace, carried in key
    coefficients (`V = K Z`) and query coefficients (`U = Q P`), so that only `Gq` and
-   `Gk` are needed: `P = Gk Z` (U = S V), `Z = Gq P` (V = S^T U), each orthonormalised
-   in its own metric, for a few steps from a fixed Gaussian start.
+   `Gk` are needed: `P = Gk Z` (U = S V), `Z = Gq P` (V = S^T U), each conditioned by
+   a partial orthonormalisation in its own metric, for a few steps from a fixed
+   Gaussian start (the plan: `plan_for_steps`).
 2. Orthonormalise Z in the metric of Gk (`Z^T Gk Z = I`, so `K Z` has orthonormal
    columns); then `S (K Z)(K Z)^T = Q (Gk Z) (K Z)^T`: `A = Gk Z`, `B = Z` projects every
    row of S on the subspace, which is the optimum once the subspace is the top-r one.
 3. A scalar balance (`A s`, `B / s`) gives `Q A` and `K B` equal Frobenius norms.
+The Grams are normalised to unit trace inside (their traces are read from their
+diagonals), so callers pass them as they are.
 
 Orthonormalisation (`metric_orth`) multiplies `W` by `T ~ (C + ridge I)^(-1/2)`, where
 `C = W^T G W / |.|_F` is the `r x r` metric Gram normalised to norm 1, computed by
@@ -66,15 +69,34 @@ POLYNOMIALS = (
     (1.895002, -1.272049, 0.377212),
     (1.874929, -1.249854, 0.374926),
 )
-INNER_ITERS = 4     # per orthonormalisation inside the subspace iteration: conditioning only
-FINAL_ITERS = 7     # the last one, whose columns must be orthonormal
-# Whether to orthonormalise the random start first. Skipping it saves 15% of the program's
-# GPU time (0.087 vs 0.102 ms, 16 programs, d=128, r=32, H100, 2026-12-06, twice) at the
-# same score error on structured data (0.0700), and with unit-trace Grams
-# (`lowrank.factor_iter`) it no longer overflows; but its error on steep spectra is 3x
-# larger (0.0023 vs 0.0008) and on jax 0.12.1 a rank-deficient case missed 1e-4 (1.15e-4;
-# tests/test_lowrank.py). Not worth 0.5% of a forward: kept on.
-START_ORTH = True
+# The iteration's plan: Newton-Schulz polynomials per half step (see `factor_pair`), 0 for
+# a half step left unorthonormalised; the last entry is the final orthonormalisation.
+# Chosen on accuracy and GPU time together (docs/KERNEL_NOTES.md, sixth session). The
+# previous plan, (4, 4, 4, 4, 7) from a key-coefficient start (23 polynomials, five
+# orthonormalisations, five Gram products), took 0.103 ms for 16 programs at d=128, r=32
+# on an H100 (0.12-0.15 ms inside an end-to-end call). This one starts from `Gq z0`
+# (query coefficients: the same two subspace steps in four Gram products, the Gaussian
+# start needing no conditioning) and orthonormalises the inner half steps with 4
+# polynomials (s in [0.42, 1.58]; only the final one must be orthonormal): 15
+# polynomials, three orthonormalisations. On a CPU: the pretrained MiniLM benchmark (250
+# texts, one factorisation per sequence) G=2 0.9992 / 0.996 and G=4 0.9907 / 0.967
+# (mean / 5th percentile cosine) against 0.9993 / 0.996 and 0.9910 / 0.964; relative
+# score error on structured d=128 data 0.0685 against 0.0680 (optimum 0.0666), on steep
+# spectra 0.0013 against 0.0008. 3 inner polynomials (0.0694) left 8-row blocks of d=16
+# up to 0.015 above their optimum (tests/test_lowrank.py, padding), 4 keep them within
+# 0.002: the conditioning an inner half step leaves is multiplied by the next one's
+# singular value spread, and the final one's ridge drops what exceeds ~1e3.
+INNER_POLYS = 4     # per inner orthonormalisation: conditioning only
+FINAL_POLYS = 7     # the last one, whose columns must be orthonormal
+
+
+def plan_for_steps(steps: int) -> tuple[int, ...]:
+  """The plan of `steps` subspace iterations (each a product by Gq, then by Gk): the first
+  half step from the Gaussian start is not orthonormalised (the start is well
+  conditioned), the inner ones get INNER_POLYS polynomials, the last FINAL_POLYS."""
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+  return (0,) + (INNER_POLYS,) * (2 * steps - 2) + (FINAL_POLYS,)
 
 
 # Dot precisions: IEEE float32 (XLA and interpret mode), or three TF32 tensor-core
@@ -112,14 +134,16 @@ def _times(w, t, precision=HIGHEST):
   return tuple(wi * t for wi in w)
 
 
-def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST):
+def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
+                keep_w: bool = True):
   """`(w T, p T)` with `(w T)^T G (w T) ~ I`, given `p = G w` (chunked `[d, r]` each).
 
   `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from the first
   `iters` Newton-Schulz polynomials (`POLYNOMIALS`). Inside the subspace iteration a few
   suffice (only the conditioning of the columns matters there); the final call runs all
   seven so the kept columns are orthonormal. A zero `w` or `p` gives zeros.
-  `precision`: the d-deep products; `small_precision`: the `r x r` ones.
+  `precision`: the d-deep products; `small_precision`: the `r x r` ones. `keep_w=False`
+  returns `(None, p T)` (inside the iteration only `p T` goes on).
   """
   if not 1 <= iters <= len(POLYNOMIALS):
     raise ValueError(f"iters must be in [1, {len(POLYNOMIALS)}], got {iters}")
@@ -149,48 +173,59 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST)
   t = a * eye + b * y0 + c2 * dot(y0, y0)
   t = jax.lax.fori_loop(1, iters, body, t)
   t = t * jnp.where(ok, jax.lax.rsqrt(jnp.maximum(norm, TINY)), 0.0)
-  return _times(w, t, precision), _times(p, t, precision)
+  return (_times(w, t, precision) if keep_w else None), _times(p, t, precision)
 
 
-def factor_pair(gq_mul, gk_mul, z0, *, steps: int, precision=HIGHEST,
-                small_precision=HIGHEST, inner_iters: int = INNER_ITERS,
-                final_iters: int = FINAL_ITERS, start_orth: bool = START_ORTH):
+def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
+                precision=HIGHEST, small_precision=HIGHEST):
   """`(A, B)` for one block, from `Gq @ x` and `Gk @ x` (callables) and a start.
 
-  All `[d, r]` matrices are tuples of row chunks (one chunk: plain matrices); `z0` is
-  the starting subspace (a fixed Gaussian matrix), `gq_mul`/`gk_mul` map chunked
-  matrices to chunked matrices. Each of the `steps` (>= 1) iterations is two half steps
-  of subspace iteration on S itself, in coefficients: left vectors `U = S V = Q (Gk Z)`
-  (query coefficients `P = Gk Z`, orthonormalised in the metric Gq) and right vectors
-  `V = S^T U = K (Gq P)` (key coefficients `Z = Gq P`, orthonormalised in the metric
-  Gk). Orthonormalising each half step in its own metric keeps the conditioning at that
-  of U or V (singular value ratios), not of `Gq Gk` (their squares), which float32 could
-  not hold. One `d x d` product per half step. `inner_iters` / `final_iters`: Newton-Schulz
-  polynomials per orthonormalisation inside the iteration / in the last one;
-  `start_orth`: whether the random start is orthonormalised first (`START_ORTH`).
+  All `[d, r]` matrices are tuples of row chunks (one chunk: plain matrices); `x0` is the
+  starting subspace (a fixed Gaussian matrix), `gq_mul`/`gk_mul` map chunked matrices to
+  chunked matrices. Subspace iteration on S itself, in coefficients, alternating two
+  kinds of half step: left vectors `U = S V = Q (Gk Z)` (query coefficients `P = Gk Z`,
+  orthonormalised in the metric Gq) and right vectors `V = S^T U = K (Gq P)` (key
+  coefficients `Z = Gq P`, orthonormalised in the metric Gk). Orthonormalising in each
+  half step's own metric keeps the conditioning at that of U or V (singular value
+  ratios), not of `Gq Gk` (their squares), which float32 could not hold. One `d x d`
+  product per half step; its result is both the metric product the orthonormalisation
+  needs and the next half step's coefficients.
+
+  plan: Newton-Schulz polynomials per half step (0: not orthonormalised), the last
+    entry the final orthonormalisation (Z^T Gk Z = I); the half steps alternate and end
+    on key coefficients, so an even-length plan starts from query coefficients
+    (`x0 -> Gq x0 -> ...`). Default `plan_for_steps(2)`.
+  trace_q, trace_k: the Grams' traces (scalars). The iteration runs on unit-trace Grams:
+    its products grow as powers of the Grams' scale, and float32 overflows for large
+    activations (trace ~1e8 and more: long sequences, keys with a large mean). The best
+    maps are scale-equivariant: fitted to `Q / sqrt(sq)` and `K / sqrt(sk)`, `A B^T` is
+    unchanged and only the balance `|Q A| = |K B|` needs the factor `(sk / sq)^(1/4)`.
   """
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+  plan = plan_for_steps(2) if plan is None else tuple(plan)
+  if not plan or plan[-1] < 1 or any(not 0 <= k <= len(POLYNOMIALS) for k in plan):
+    raise ValueError(f"plan must end with a final orthonormalisation and count 0..."
+                     f"{len(POLYNOMIALS)} polynomials per half step, got {plan}")
+  sq, sk = (jnp.where(t > 0, t, 1.0) for t in (jnp.asarray(trace_q, jnp.float32),
+                                               jnp.asarray(trace_k, jnp.float32)))
+  unit_q = lambda x: _times(gq_mul(x), 1.0 / sq)  # noqa: E731  (Gq / sq) x
+  unit_k = lambda x: _times(gk_mul(x), 1.0 / sk)  # noqa: E731
   orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
-  inner = functools.partial(orth, iters=inner_iters)
-
-  def half_steps(z, gz):
-    p, gp = inner(gz, gq_mul(gz))            # U = Q P, P = Gk Z
-    z = gp                                   # V = K Z, Z = Gq P
-    return z, gk_mul(z)
-
-  def step(_, carry):
-    return inner(*half_steps(*carry))
-
-  z, gz = inner(z0, gk_mul(z0)) if start_orth else (z0, gk_mul(z0))
-  z, gz = jax.lax.fori_loop(0, steps - 1, step, (z, gz))
-  z, gz = half_steps(z, gz)
-  z, gz = orth(z, gz, iters=final_iters)  # Z^T Gk Z = I
+  x = x0
+  for i, polys in enumerate(plan):
+    key_coeffs = (len(plan) - 1 - i) % 2 == 0
+    gx = (unit_k if key_coeffs else unit_q)(x)   # the metric product, and the next x
+    if i == len(plan) - 1:
+      z, gz = orth(x, gx, iters=polys)           # Z^T Gk Z = I
+      break
+    if polys:
+      _, gx = orth(x, gx, iters=polys, keep_w=False)
+    x = gx
   a, b = gz, z
-  qa2 = sum(_total(ai * gi) for ai, gi in zip(a, gq_mul(a)))  # |Q A|^2
+  qa2 = sum(_total(ai * gi) for ai, gi in zip(a, unit_q(a)))  # |Q A|^2
   kb2 = sum(_total(bi * gi) for bi, gi in zip(b, gz))         # |K B|^2 (~ kept directions)
   ok = (qa2 > TINY) & (kb2 > TINY)
   s = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, kb2, 1.0) / jnp.where(ok, qa2, 1.0))), 1.0)
+  s = s * jnp.sqrt(jnp.sqrt(sk / sq))
   return _times(a, s), _times(b, 1.0 / s)
 
 
@@ -199,8 +234,8 @@ def start_subspace(d: int, r: int) -> np.ndarray:
   return np.random.default_rng(20261125).standard_normal((d, r)).astype(np.float32)
 
 
-def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps, chunk, precision,
-            small_precision, inner_iters, final_iters, start_orth):
+def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
+            small_precision):
   # The Grams are read block by block at every product (from L2) rather than held: two
   # d x d float32 values live through the whole program spilled at d=128 (H100,
   # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
@@ -213,11 +248,17 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps, chunk, precision,
                             precision) for j in range(n)) for i in range(n))
     return mul
 
+  def trace(g_ref):  # the unit-trace scaling is done here, not by XLA ops around the call
+    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    diag = (rows == cols).astype(jnp.float32)
+    return sum(_total(g_ref[pl.ds(i * chunk, chunk), pl.ds(i * chunk, chunk)] * diag)
+               for i in range(n))
+
   z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
-  a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, steps=steps,
-                     precision=precision, small_precision=small_precision,
-                     inner_iters=inner_iters, final_iters=final_iters,
-                     start_orth=start_orth)
+  a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, plan=plan,
+                     trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
+                     small_precision=small_precision)
   for i in range(n):
     a_ref[pl.ds(i * chunk, chunk), :] = a[i]
     b_ref[pl.ds(i * chunk, chunk), :] = b[i]
@@ -226,16 +267,17 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, steps, chunk, precision,
 MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "steps", "kv_group", "num_warps",
-                                             "precision", "small_precision", "block_d",
-                                             "inner_iters", "final_iters", "start_orth",
-                                             "interpret"))
-def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
+@functools.partial(jax.jit, static_argnames=("rank", "steps", "plan", "kv_group",
+                                             "num_warps", "precision", "small_precision",
+                                             "block_d", "interpret"))
+def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_group: int = 1,
                         num_warps: int = 8, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
-                        inner_iters: int = INNER_ITERS, final_iters: int = FINAL_ITERS,
-                        start_orth: bool = START_ORTH, interpret: bool = False):
+                        interpret: bool = False):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
+
+  The Grams are taken as they are (any positive scale: the program normalises them to
+  unit trace itself and rescales the maps, see `factor_pair`).
 
   Args:
     gq: float32 `[M, d, d]` query Grams; gk: float32 `[M // kv_group, d, d]` key Grams,
@@ -252,7 +294,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
       the `r x r` products of the orthonormalisations.
     block_d: rows and columns of the Gram blocks multiplied at a time (default
       min(d, 128)); a divisor of d.
-    inner_iters, final_iters, start_orth: see `factor_pair` (variants for the benchmark).
+    steps: subspace iterations (`plan_for_steps`); plan: an explicit plan instead (a
+      tuple, see `factor_pair`; variants for the benchmark).
   """
   if precision is None:
     precision = "ieee" if interpret else "tf32x3"
@@ -274,9 +317,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, kv_group: int = 1,
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   a, b = pl.pallas_call(
-      functools.partial(_kernel, steps=steps, chunk=block_d, inner_iters=inner_iters,
-                        final_iters=final_iters, start_orth=start_orth,
-                        precision=PRECISIONS[precision],
+      functools.partial(_kernel, plan=plan_for_steps(steps) if plan is None else tuple(plan),
+                        chunk=block_d, precision=PRECISIONS[precision],
                         small_precision=PRECISIONS[small_precision]),
       grid=(m,),
       in_specs=[pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
