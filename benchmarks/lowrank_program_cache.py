@@ -29,13 +29,11 @@ from pallas_kernels.triton import lowrank_factor as lf
 
 ORIG = lf.factor_pair
 
+
 def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=lf.HIGHEST,
          small_precision=lf.HIGHEST, blend=False):
   """plan (0, 4, 4, 7) with the two inner half steps in one static 2-trip loop."""
-  sq, sk = (jnp.where(t > 0, t, 1.0) for t in (jnp.asarray(trace_q, jnp.float32),
-                                               jnp.asarray(trace_k, jnp.float32)))
-  unit_q = lambda x: lf._times(gq_mul(x), 1.0 / sq)
-  unit_k = lambda x: lf._times(gk_mul(x), 1.0 / sk)
+  unit_q, unit_k, scales = lf.unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
   orth = functools.partial(lf.metric_orth, precision=precision, small_precision=small_precision)
   x = unit_q(x0)
   def body(i, x):
@@ -49,13 +47,7 @@ def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=l
   x = jax.lax.fori_loop(0, 2, body, x)
   gx = unit_k(x)
   z, gz = orth(x, gx, iters=7)
-  a, b = gz, z
-  qa2 = sum(lf._total(ai * gi) for ai, gi in zip(a, unit_q(a)))
-  kb2 = sum(lf._total(bi * gi) for bi, gi in zip(b, gz))
-  ok = (qa2 > lf.TINY) & (kb2 > lf.TINY)
-  s = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, kb2, 1.0) / jnp.where(ok, qa2, 1.0))), 1.0)
-  s = s * jnp.sqrt(jnp.sqrt(sk / sq))
-  return lf._times(a, s), lf._times(b, 1.0 / s)
+  return lf.balanced_maps(z, gz, unit_q, scales)
 
 
 def main(argv=None):

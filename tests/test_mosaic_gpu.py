@@ -88,6 +88,11 @@ def _check(got, want, what, tol):
   assert err < tol and worst < 10 * tol, f"{what}: rel L2 {err:.2e}, worst {worst:.2e}"
 
 
+def _tol(dtype):
+  """Relative L2 tolerance of a kernel output against the float32 reference."""
+  return 1e-2 if dtype == jnp.bfloat16 else 5e-3
+
+
 def _check_forward(q, k, v, causal, tiles, tol):
   """The forward kernel's out and lse against the float32 reference; returns out_ref."""
   out, lse = mosaic.forward(q, k, v, causal=causal, kv_len=None, tiles=tiles)
@@ -106,7 +111,7 @@ def test_forward_and_gradients(r, dv, causal, dtype, heads, k_heads, v_heads, q_
   q, k, v, d_out = _inputs(r + dv + q_len + kv_len + causal, q_len, kv_len, heads,
                            k_heads, v_heads, r, dv, dtype)
   tiles = _tiles(r, dv, dtype, backward)
-  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
+  tol = _tol(dtype)
   # Same static arguments as the custom VJP's forward, so that it compiles once.
   out_ref = _check_forward(q, k, v, causal, tiles, tol)
 
@@ -166,7 +171,7 @@ def test_forward_conditional_rescale(r, dv, causal, dtype, heads, k_heads, v_hea
   if ramp:
     q, k = _ramp_scores(q, k, ramp)
   tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), rescale_threshold=8.0)
-  _check_forward(q, k, v, causal, tiles, 1e-2 if dtype == jnp.bfloat16 else 5e-3)
+  _check_forward(q, k, v, causal, tiles, _tol(dtype))
 
 
 # (r, dv, causal, dtype, heads, k_heads, v_heads, q_len, kv_len, tiles overrides):
@@ -192,7 +197,7 @@ def test_forward_direct_out(r, dv, causal, dtype, heads, k_heads, v_heads, q_len
                        v_heads, r, dv, dtype)
   tiles = dataclasses.replace(mosaic_tiles.pick_tiles(r, dv, dtype), stage_out=False,
                               **overrides)
-  _check_forward(q, k, v, causal, tiles, 1e-2 if dtype == jnp.bfloat16 else 5e-3)
+  _check_forward(q, k, v, causal, tiles, _tol(dtype))
 
 
 def reference_blocked(q, k, v, group_block_q, causal):
@@ -222,7 +227,7 @@ def test_k_fused_per_grouping_block(r, dv, causal, dtype, heads, k_heads, v_head
                            dtype)
   num_blocks = -(-q_len // group_block_q)
   k = jax.random.normal(jax.random.key(q_len), (1, num_blocks, kv_len, k_heads, r), dtype)
-  tol = 1e-2 if dtype == jnp.bfloat16 else 5e-3
+  tol = _tol(dtype)
   fn = functools.partial(mosaic.attention_blocked, group_block_q=group_block_q,
                          causal=causal)
   out, vjp = jax.vjp(fn, q, k, v)

@@ -122,6 +122,13 @@ def _total(x):
 # is plain matrix algebra.
 
 
+def _eye(n):
+  """The `n x n` float32 identity from iotas (lowers in the Triton program)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return (rows == cols).astype(jnp.float32)
+
+
 def _inner(w, p, precision):
   """`w^T p` (`r x r`) of two chunked `[d, r]` matrices."""
   return sum(_dot(wi.T, pi, precision) for wi, pi in zip(w, p))
@@ -152,9 +159,7 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
   norm = jnp.sqrt(_total(c * c))
   ok = norm > TINY
   inv_norm = jnp.where(ok, 1.0 / jnp.maximum(norm, TINY), 0.0)
-  rows = jax.lax.broadcasted_iota(jnp.int32, (r, r), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (r, r), 1)
-  eye = (rows == cols).astype(jnp.float32)
+  eye = _eye(r)
   # Symmetrised and normalised (eigenvalues in [0, 1]), plus the ridge.
   y0 = (0.5 * inv_norm) * (c + c.T) + RIDGE * eye
   dot = functools.partial(_dot, precision=small_precision)
@@ -205,10 +210,7 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
   if not plan or plan[-1] < 1 or any(not 0 <= k <= len(POLYNOMIALS) for k in plan):
     raise ValueError(f"plan must end with a final orthonormalisation and count 0..."
                      f"{len(POLYNOMIALS)} polynomials per half step, got {plan}")
-  sq, sk = (jnp.where(t > 0, t, 1.0) for t in (jnp.asarray(trace_q, jnp.float32),
-                                               jnp.asarray(trace_k, jnp.float32)))
-  unit_q = lambda x: _times(gq_mul(x), 1.0 / sq)  # noqa: E731  (Gq / sq) x
-  unit_k = lambda x: _times(gk_mul(x), 1.0 / sk)  # noqa: E731
+  unit_q, unit_k, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
   orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
   x = x0
   for i, polys in enumerate(plan):
@@ -220,6 +222,24 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
     if polys:
       _, gx = orth(x, gx, iters=polys, keep_w=False)
     x = gx
+  return balanced_maps(z, gz, unit_q, scales)
+
+
+def unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k):
+  """`(Gq / sq) x` and `(Gk / sk) x` as callables, and `(sq, sk)` (a trace <= 0, e.g. an
+  all-padding block, counts as 1): the Grams at unit trace (see `factor_pair`)."""
+  sq, sk = (jnp.where(t > 0, t, 1.0) for t in (jnp.asarray(trace_q, jnp.float32),
+                                               jnp.asarray(trace_k, jnp.float32)))
+  unit_q = lambda x: _times(gq_mul(x), 1.0 / sq)  # noqa: E731
+  unit_k = lambda x: _times(gk_mul(x), 1.0 / sk)  # noqa: E731
+  return unit_q, unit_k, (sq, sk)
+
+
+def balanced_maps(z, gz, unit_q, scales):
+  """`(A, B)` from the final `Z` (`Z^T Gk Z = I`, unit-trace Gk) and `gz = Gk Z`: `A = Gk Z`,
+  `B = Z`, scaled so `|Q A| = |K B|` for the Grams at their own scale (`scales = (sq, sk)`
+  from `unit_trace_muls`)."""
+  sq, sk = scales
   a, b = gz, z
   qa2 = sum(_total(ai * gi) for ai, gi in zip(a, unit_q(a)))  # |Q A|^2
   kb2 = sum(_total(bi * gi) for bi, gi in zip(b, gz))         # |K B|^2 (~ kept directions)
@@ -249,9 +269,7 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
     return mul
 
   def trace(g_ref):  # the unit-trace scaling is done here, not by XLA ops around the call
-    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    diag = (rows == cols).astype(jnp.float32)
+    diag = _eye(chunk)
     return sum(_total(g_ref[pl.ds(i * chunk, chunk), pl.ds(i * chunk, chunk)] * diag)
                for i in range(n))
 
