@@ -97,6 +97,12 @@ def main(argv=None):
       sets_k = [(red.q_rep(q, args.d ** -0.5), red.k_fused(k), v) for q, k, v in sets]
       fns[name] = (mosaic.attention, sets_k)
       continue
+    elif name in ("grams-xla", "grams-kernel"):  # the pre-pass's Grams of Q and K alone
+      from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
+      kernel = name == "grams-kernel"
+      fn = lambda q, k, v, kernel=kernel: (  # noqa: E731
+          prep.head_grams(q, n, per_batch_row=True, kernel=kernel),
+          prep.head_grams(k, n, per_batch_row=True, kernel=kernel))
     elif name == "fixedmaps":
       fixed = lowrank.calibrate_lowrank_maps(q0, k0, group_size=g, per_kv_head=True)
       fn = functools.partial(dj.distr_attention, group_size=g, block_q=None,

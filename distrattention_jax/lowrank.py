@@ -56,21 +56,23 @@ DROP_RATIO = 1e-4   # singular values below this fraction of the largest are dro
 DEFAULT_STEPS = 2   # subspace iterations of method="iter" (docs/KERNEL_NOTES.md, "lowrank")
 
 
-def query_grams(query, block_q, query_valid=None, *, kv_heads=None, per_batch_row=False):
+def query_grams(query, block_q, query_valid=None, *, kv_heads=None, per_batch_row=False,
+                kernel=False):
   """`Q_b^T Q_b` per block: float32 `[B, H, nb, d, d]` (`[B, Hkv, nb, d, d]`, the query
   heads of each kv head summed, when `kv_heads` is given). Padding rows are left out.
-  `per_batch_row`: see `prep.einsum_per_batch_row` (the GPU kernel path)."""
-  gram = prep.head_grams(query, block_q, query_valid, per_batch_row=per_batch_row)
+  `per_batch_row`, `kernel`: see `prep.head_grams` (the GPU kernel path)."""
+  gram = prep.head_grams(query, block_q, query_valid, per_batch_row=per_batch_row,
+                         kernel=kernel)
   if kv_heads is not None:
     batch, heads, nb, d, _ = gram.shape
     gram = gram.reshape(batch, kv_heads, heads // kv_heads, nb, d, d).sum(2)
   return gram
 
 
-def key_grams(key, key_valid=None, *, per_batch_row=False):
+def key_grams(key, key_valid=None, *, per_batch_row=False, kernel=False):
   """`K^T K` over the real keys: float32 `[B, Hkv, d, d]`."""
   return prep.head_grams(key, max(key.shape[1], 1), key_valid,
-                         per_batch_row=per_batch_row)[:, :, 0]
+                         per_batch_row=per_batch_row, kernel=kernel)[:, :, 0]
 
 
 def _psd_root(gram):
@@ -177,7 +179,8 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
       (iter on a GPU, exact elsewhere).
     steps: subspace iterations of "iter".
     use_kernel: the GPU kernel path (None: on a GPU): the fused factorisation program,
-      and the Grams as one product per batch row (`prep.einsum_per_batch_row`).
+      and the Grams by the Mosaic GPU Gram kernel (`prep.head_grams`; where it does not
+      apply, one product per batch row, `prep.einsum_per_batch_row`).
 
   Returns:
     `(q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r])` float32 under `stop_gradient`,
@@ -189,16 +192,18 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
   group = heads // kv_heads
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
-  rows = bool(use_kernel)  # the GPU kernel path: the Grams one batch row at a time (prep)
-  gk = key_grams(key, key_valid, per_batch_row=rows)             # [B, Hkv, d, d]
+  # The GPU kernel path: the Mosaic Gram kernel, else one einsum per batch row (prep).
+  rows = bool(use_kernel)
+  gk = key_grams(key, key_valid, per_batch_row=rows, kernel=rows)  # [B, Hkv, d, d]
   if per_kv_head:
     gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads,  # [B, Hkv, nb, d, d]
-                     per_batch_row=rows)
+                     per_batch_row=rows, kernel=rows)
     a, b = factor_grams(gq, gk[:, :, None], rank, method=method, steps=steps,
                         use_kernel=use_kernel)
     q_map = jnp.repeat(a, group, axis=1)
   else:
-    gq = query_grams(query, block_q, query_valid, per_batch_row=rows)  # [B, H, nb, d, d]
+    gq = query_grams(query, block_q, query_valid, per_batch_row=rows,  # [B, H, nb, d, d]
+                     kernel=rows)
     gk_h = jnp.repeat(gk, group, axis=1)[:, :, None]               # [B, H, 1, d, d]
     q_map, b = factor_grams(gq, gk_h, rank, method=method, steps=steps,
                             use_kernel=use_kernel)

@@ -50,18 +50,51 @@ def einsum_per_batch_row(spec: str, x: jax.Array, w: jax.Array, einsum=jnp.einsu
 
 
 def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None, *,
-               per_batch_row: bool = False) -> jax.Array:
+               per_batch_row: bool = False, kernel: bool = False) -> jax.Array:
   """float32 `[B, H, nb, d, d]`: `X_b^T X_b` per head over each block of `block_q` rows.
 
   x: `[B, T, H, d]`, taken under stop_gradient; rows where `valid [B, T]` is False
   (padding) are left out; the last block may be short. bf16/f16 products are exact in
   float32 (tensor cores); other dtypes are taken in float32. `per_batch_row`: see
-  `einsum_per_batch_row` (True on the GPU kernel path).
+  `einsum_per_batch_row` (True on the GPU kernel path). `kernel`: on a GPU, the Mosaic
+  GPU Gram kernel (`pallas_kernels.mosaic_gpu.grams`) takes the whole tiles of rows it
+  supports (bf16/f16, d in {64, 128}), the einsum the rest: the same sums in another
+  order.
   """
   x = jax.lax.stop_gradient(x)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float32)
+  if kernel and jax.default_backend() == "gpu":
+    grams = _mosaic_grams(x, block_q, valid)
+    if grams is not None:
+      return grams
   blocks = lsh.query_blocks(x, block_q, valid)                  # [B, nb, rows, H, d]
   return einsum_per_batch_row("bnrhc,bnrhe->bhnce", blocks, blocks,
                               per_batch_row=per_batch_row, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
+
+
+def _mosaic_grams(x: jax.Array, block_q: int, valid: jax.Array | None):
+  """`head_grams` by the Mosaic GPU kernel for the blocks' whole tiles and an einsum for
+  the rows after them (the short last block, or the tail of the one block); None where
+  the kernel takes no rows."""
+  from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
+  t = x.shape[1]
+  tile = mosaic_grams.GramTiles().tile_rows
+  one_block = block_q >= t
+  block_rows = (t // tile) * tile if one_block else block_q
+  num_blocks = 1 if one_block else t // block_q
+  if block_rows == 0 or mosaic_grams.supports(x.shape, x.dtype, block_rows, num_blocks):
+    return None
+  if valid is not None:
+    x = jnp.where(valid[:, :, None, None], x, 0)
+  grams = mosaic_grams.gram_blocks(x, block_rows=block_rows, num_blocks=num_blocks)
+  done = block_rows * num_blocks
+  if done < t:  # rows after the kernel's: a short last block, or the one block's tail
+    tail = x[:, done:]
+    tail_gram = einsum_per_batch_row("brhc,brhe->bhce", tail, tail,
+                                     precision=jax.lax.Precision.HIGHEST,
+                                     preferred_element_type=jnp.float32)[:, :, None]
+    grams = (grams + tail_gram if one_block
+             else jnp.concatenate([grams, tail_gram], axis=2))
+  return grams

@@ -1,0 +1,162 @@
+"""Per-head Gram matrices `X_b^T X_b` of a BTNH array on Hopper (Pallas Mosaic GPU).
+
+The lowrank factorisation reads every query and key row once, for `Q_b^T Q_b` and
+`K^T K`; at B=1, H=16, N=16384, d=128 those two reads are 128 MiB, and XLA's batched
+GEMM on the BTNH layout ran them at ~2.1 TB/s plus a split-K reduction kernel (H100,
+2026-12-06: 0.064 + 0.010 ms, docs/KERNEL_NOTES.md). This kernel streams the rows at
+HBM speed instead:
+
+* one CTA per (batch row, head, row block, split): `splits` CTAs share a row block so
+  that even B * H = 16 Grams fill the GPU's SMs (one wave);
+* a TMA producer warpgroup streams `[tile_rows, d]` tiles of the head's rows (strided
+  BTNH rows, no transpose in HBM) through `stages` shared-memory slots;
+* one consumer warpgroup accumulates `X_t^T X_t` with wgmma (the tile read transposed
+  as the left operand: bf16/f16 products, exact in the float32 accumulator);
+* the CTA's partial `[d, d]` is added into the zero-initialised output by a TMA
+  reduce-add, so the splits need no reduction kernel.
+
+Rows must come in whole tiles (`tile_rows`); the caller adds the tail rows (and zeroes
+padding rows) itself (distrattention_jax/prep.py). Imports nothing from distrattention_jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mosaic_gpu import common
+from pallas_kernels.mosaic_gpu.common import i32
+
+HEAD_DIMS = (64, 128)  # wgmma M = d must be a multiple of 64; d=256's [d, d] float32
+                       # accumulator would be 512 registers a thread
+SM_COUNT = 132         # H100 SXM; one wave of CTAs (`pick_splits`)
+SMEM_BYTES = 232448    # H100 shared memory per block (MOSAIC_NOTES.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class GramTiles:
+  """tile_rows: rows per streamed tile (the wgmma contraction); stages: slots in flight."""
+  tile_rows: int = 128
+  stages: int = 4
+
+  def __post_init__(self):
+    if self.tile_rows % 64 or not 64 <= self.tile_rows <= 256:
+      raise ValueError(f"tile_rows must be 64, 128, 192 or 256, got {self.tile_rows}")
+    if not 1 <= self.stages <= 8:
+      raise ValueError(f"stages must be in [1, 8], got {self.stages}")
+
+  def smem_bytes(self, d: int, itemsize: int) -> int:
+    return self.stages * self.tile_rows * d * itemsize + d * d * 4
+
+
+def supports(x_shape, dtype, block_rows: int, num_blocks: int | None = None,
+             tiles: GramTiles = GramTiles()) -> str | None:
+  """None if `gram_blocks` takes `x [B, T, H, d]` with `num_blocks` blocks of
+  `block_rows` rows, else the reason."""
+  if len(x_shape) != 4:
+    return f"x must be [B, T, H, d], got shape {tuple(x_shape)}"
+  _, t, _, d = x_shape
+  num_blocks = t // max(block_rows, 1) if num_blocks is None else num_blocks
+  if d not in HEAD_DIMS:
+    return f"head dim d={d} not in {HEAD_DIMS}"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
+  if block_rows < tiles.tile_rows or block_rows % tiles.tile_rows:
+    return f"block_rows={block_rows} must be a positive multiple of tile_rows={tiles.tile_rows}"
+  if num_blocks < 1 or num_blocks * block_rows > t:
+    return f"{num_blocks} blocks of {block_rows} rows do not fit in T={t} rows"
+  if tiles.smem_bytes(d, jnp.dtype(dtype).itemsize) > SMEM_BYTES:
+    return f"{tiles} needs more than {SMEM_BYTES} bytes of shared memory at d={d}"
+  return None
+
+
+def pick_splits(ctas: int, tiles_per_block: int, sm_count: int = SM_COUNT) -> int:
+  """CTAs per row block: the largest power of two dividing `tiles_per_block` with
+  `ctas * splits <= sm_count` (one wave; at least 1)."""
+  splits = 1
+  while (tiles_per_block % (2 * splits) == 0 and ctas * 2 * splits <= sm_count):
+    splits *= 2
+  return splits
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_blocks", "splits", "tiles"))
+def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
+                splits: int | None = None, tiles: GramTiles = GramTiles()):
+  """float32 `[B, H, nb, d, d]`: `X_b^T X_b` per head and block of rows.
+
+  x: `[B, T, H, d]` bf16/f16 (`supports`); block b is rows `[b * block_rows, (b + 1) *
+  block_rows)`, for b < nb = num_blocks (default T // block_rows); rows past the last
+  block are not read. splits: CTAs per block (default `pick_splits`), a divisor of the
+  block's tile count.
+  """
+  reason = supports(x.shape, x.dtype, block_rows, num_blocks, tiles)
+  if reason:
+    raise ValueError(f"gram_blocks: {reason}")
+  batch, t, heads, d = x.shape
+  nb = t // block_rows if num_blocks is None else num_blocks
+  tile_rows, stages = tiles.tile_rows, tiles.stages
+  tiles_per_block = block_rows // tile_rows
+  if splits is None:
+    splits = pick_splits(batch * heads * nb, tiles_per_block)
+  if splits < 1 or tiles_per_block % splits:
+    raise ValueError(f"splits must divide the {tiles_per_block} tiles of a block, got {splits}")
+  tiles_per_cta = tiles_per_block // splits
+  stages = min(stages, tiles_per_cta)
+
+  def kernel(x_ref, out_ref, x_smems, gram_smem, loaded, free):
+    bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks")
+    block = lax.div(ci, i32(splits))
+    first = ci * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _consumer():
+      def step(j, acc):
+        slot = lax.rem(j, i32(stages))
+        plgpu.barrier_wait(loaded.at[slot])
+
+        def gram(acc_ref):  # acc += X_t^T X_t  ([d, d], contracted over the tile's rows)
+          plgpu.wgmma(acc_ref, x_smems.at[slot].T, x_smems.at[slot])
+        acc = pl.run_state(gram)(plgpu.ACC.init(acc))  # reading it waits for the wgmma
+        plgpu.barrier_arrive(free.at[slot])
+        return acc
+
+      acc = lax.fori_loop(0, tiles_per_cta, step, common.zeros_acc((d, d)))
+      gram_smem[...] = acc
+      plgpu.commit_smem()
+      # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
+      plgpu.copy_smem_to_gmem(gram_smem, out_ref.at[bi, hi, block], reduction_op="add")
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(i * tile_rows, tile_rows), hi],),
+                          (x_smems,), (loaded,), (free,), num_tiles=tiles_per_cta,
+                          stages=stages, first=first)
+
+  def distr_gram(x_ref, out_ref):  # (the name the profiler shows)
+    smem = (plgpu.SMEM((stages, tile_rows, d), x.dtype,
+                       transforms=common.smem_transforms(d, x.dtype)),
+            plgpu.SMEM((d, d), jnp.float32))
+    pl.run_scoped(lambda *scoped: kernel(x_ref, out_ref, *scoped), *smem,
+                  plgpu.Barrier(num_barriers=stages),
+                  plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                  collective_axes="wg")
+
+  out = jax.new_ref(jnp.zeros((batch, heads, nb, d, d), jnp.float32))
+  plgpu.kernel(
+      distr_gram,
+      out_type=(),
+      grid=(heads, nb * splits, batch),
+      grid_names=("heads", "chunks", "batch"),
+      num_threads=2,
+      thread_name="wg",
+  )(x, out)
+  return out[...]

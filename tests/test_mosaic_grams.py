@@ -1,0 +1,109 @@
+"""The Mosaic GPU Gram kernel (`pallas_kernels/mosaic_gpu/grams.py`) and its use by
+`prep.head_grams(kernel=True)`: GPU parity against the float32 einsum, CUDA lowering on a
+CPU, and the checks that need neither.
+
+GPU part:  PYTHONPATH=. python -m pytest -q -m gpu tests/test_mosaic_grams.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distrattention_jax import prep
+from pallas_kernels.mosaic_gpu import grams
+from conftest import lower_for_h100, requires_gpu
+
+
+def _x(seed, shape, dtype):
+  # A shared mean per column (as real activations have) plus noise: the Grams are far
+  # from diagonal and a dropped or doubled tile shows.
+  rng = np.random.default_rng(seed)
+  mean = rng.standard_normal(shape[-1])
+  return jnp.asarray(mean + rng.standard_normal(shape), dtype)
+
+
+def _einsum_grams(x, block_q, valid=None):
+  """The oracle: float32 einsum per block (numpy-free, exact float32 products)."""
+  x = x.astype(jnp.float32)
+  if valid is not None:
+    x = jnp.where(valid[:, :, None, None], x, 0)
+  t = x.shape[1]
+  starts = range(0, t, block_q) if block_q < t else [0]
+  return jnp.stack([jnp.einsum("brhc,brhe->bhce", x[:, s:s + block_q], x[:, s:s + block_q],
+                               precision="highest") for s in starts], axis=2)
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_supports_names_what_is_wrong():
+  assert grams.supports((1, 1024, 4, 128), jnp.bfloat16, 1024) is None
+  assert grams.supports((2, 1000, 4, 64), jnp.float16, 896, 1) is None
+  assert "head dim" in grams.supports((1, 1024, 4, 32), jnp.bfloat16, 1024)
+  assert "float32" in grams.supports((1, 1024, 4, 128), jnp.float32, 1024)
+  assert "multiple of tile_rows" in grams.supports((1, 1024, 4, 128), jnp.bfloat16, 100)
+  assert "do not fit" in grams.supports((1, 1000, 4, 128), jnp.bfloat16, 512, 2)
+  with pytest.raises(ValueError, match="gram_blocks: head dim"):
+    grams.gram_blocks(jnp.zeros((1, 256, 2, 32), jnp.bfloat16), block_rows=256)
+  with pytest.raises(ValueError, match="splits must divide"):
+    grams.gram_blocks(jnp.zeros((1, 384, 2, 64), jnp.bfloat16), block_rows=384, splits=2)
+  with pytest.raises(ValueError, match="stages"):
+    grams.GramTiles(stages=0)
+
+
+def test_pick_splits_fills_one_wave():
+  assert grams.pick_splits(16, 128) == 8      # B=1, H=16, N=16384: 128 CTAs
+  assert grams.pick_splits(64, 128) == 2      # B=4
+  assert grams.pick_splits(16, 7) == 1        # an odd tile count cannot be split
+  assert grams.pick_splits(200, 128) == 1
+
+
+@pytest.mark.parametrize("shape,block_rows,num_blocks", [
+    ((1, 16384, 16, 128), 16384, None), ((2, 1000, 4, 64), 256, 3)])
+def test_lowers_for_cuda_on_cpu(shape, block_rows, num_blocks):
+  text = lower_for_h100(
+      lambda x: grams.gram_blocks(x, block_rows=block_rows, num_blocks=num_blocks),
+      jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+def test_head_grams_kernel_flag_is_the_einsum_off_the_gpu():
+  x = _x(0, (2, 200, 3, 64), jnp.bfloat16)
+  np.testing.assert_array_equal(prep.head_grams(x, 128, kernel=True),
+                                prep.head_grams(x, 128))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("shape,block_rows,dtype", [
+    ((1, 16384, 16, 128), 16384, jnp.bfloat16),   # the benchmark shape: 8 splits
+    ((2, 1024, 4, 64), 256, jnp.float16),
+    ((3, 768, 2, 128), 384, jnp.bfloat16),        # 3 tiles a block: no split
+])
+def test_kernel_matches_einsum(shape, block_rows, dtype):
+  x = _x(1, shape, dtype)
+  got = grams.gram_blocks(x, block_rows=block_rows)
+  want = _einsum_grams(x, block_rows)
+  assert got.shape == want.shape
+  assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("t,block_q,padded", [
+    (1000, 4096, False),   # one block: 896 rows by the kernel, 104 by the einsum
+    (1000, 256, True),     # 3 whole blocks by the kernel, a short one by the einsum
+    (2048, 512, False),
+    (100, 4096, False),    # fewer rows than a tile: einsum only
+])
+def test_head_grams_kernel_path_matches_einsum(t, block_q, padded):
+  x = _x(2, (2, t, 4, 128), jnp.bfloat16)
+  valid = None
+  if padded:
+    valid = jnp.arange(t)[None, :] < jnp.asarray([[t - 37], [t // 2]])
+  got = prep.head_grams(x, block_q, valid, kernel=True)
+  want = _einsum_grams(x, block_q, valid)
+  assert got.shape == want.shape
+  assert _rel(got, want) < 1e-5
