@@ -192,18 +192,20 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
   group = heads // kv_heads
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
-  # The GPU kernel path: the Mosaic Gram kernel, else one einsum per batch row (prep).
+  # The GPU kernel path: the Mosaic Gram kernel (one launch for Q and K), else one
+  # einsum per batch row (prep).
   rows = bool(use_kernel)
-  gk = key_grams(key, key_valid, per_batch_row=rows, kernel=rows)  # [B, Hkv, d, d]
+  gq, gk = prep.head_grams_multi(
+      [(query, block_q, query_valid), (key, max(key.shape[1], 1), key_valid)],
+      per_batch_row=rows, kernel=rows)                              # [B, H, nb, d, d]
+  gk = gk[:, :, 0]                                                  # [B, Hkv, d, d]
   if per_kv_head:
-    gq = query_grams(query, block_q, query_valid, kv_heads=kv_heads,  # [B, Hkv, nb, d, d]
-                     per_batch_row=rows, kernel=rows)
+    batch, _, nb, d, _ = gq.shape                                   # [B, Hkv, nb, d, d]
+    gq = gq.reshape(batch, kv_heads, group, nb, d, d).sum(2)
     a, b = factor_grams(gq, gk[:, :, None], rank, method=method, steps=steps,
                         use_kernel=use_kernel)
     q_map = jnp.repeat(a, group, axis=1)
   else:
-    gq = query_grams(query, block_q, query_valid, per_batch_row=rows,  # [B, H, nb, d, d]
-                     kernel=rows)
     gk_h = jnp.repeat(gk, group, axis=1)[:, :, None]               # [B, H, 1, d, d]
     q_map, b = factor_grams(gq, gk_h, rank, method=method, steps=steps,
                             use_kernel=use_kernel)

@@ -61,24 +61,53 @@ def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None, *,
   supports (bf16/f16, d in {64, 128}), the einsum the rest: the same sums in another
   order.
   """
-  x = jax.lax.stop_gradient(x)
-  if x.dtype not in (jnp.bfloat16, jnp.float16):
-    x = x.astype(jnp.float32)
+  return head_grams_multi([(x, block_q, valid)], per_batch_row=per_batch_row,
+                          kernel=kernel)[0]
+
+
+def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False):
+  """`head_grams` of several `(x, block_q, valid)` (e.g. the queries and the keys): a
+  list of float32 `[B, H, nb, d, d]`. With `kernel`, the arrays the Mosaic GPU kernel
+  takes share one launch (`grams.gram_blocks_multi`)."""
+  items = [(_gram_input(x), block_q, valid) for x, block_q, valid in items]
+  out = [None] * len(items)
   if kernel and jax.default_backend() == "gpu":
-    grams = _mosaic_grams(x, block_q, valid)
-    if grams is not None:
-      return grams
-  blocks = lsh.query_blocks(x, block_q, valid)                  # [B, nb, rows, H, d]
-  return einsum_per_batch_row("bnrhc,bnrhe->bhnce", blocks, blocks,
-                              per_batch_row=per_batch_row, precision=jax.lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
+    from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
+    plans = {i: _kernel_rows(x, block_q, mosaic_grams) for i, (x, block_q, _) in
+             enumerate(items)}
+    plans = {i: p for i, p in plans.items() if p is not None}
+    if plans:  # one launch, for the arrays of the first one's width and dtype
+      first = items[next(iter(plans))][0]
+      plans = {i: p for i, p in plans.items() if items[i][0].shape[3] == first.shape[3]
+               and items[i][0].dtype == first.dtype}
+      xs = [_zero_padding(items[i][0], items[i][2]) for i in plans]
+      grams = mosaic_grams.gram_blocks_multi(
+          tuple(xs), block_rows=tuple(p[0] for p in plans.values()),
+          num_blocks=tuple(p[1] for p in plans.values()))
+      for (i, (block_rows, num_blocks)), x, gram in zip(plans.items(), xs, grams):
+        out[i] = _add_rows_after(gram, x, items[i][1], block_rows * num_blocks)
+  for i, (x, block_q, valid) in enumerate(items):
+    if out[i] is None:
+      blocks = lsh.query_blocks(x, block_q, valid)              # [B, nb, rows, H, d]
+      out[i] = einsum_per_batch_row("bnrhc,bnrhe->bhnce", blocks, blocks,
+                                    per_batch_row=per_batch_row,
+                                    precision=jax.lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32)
+  return out
 
 
-def _mosaic_grams(x: jax.Array, block_q: int, valid: jax.Array | None):
-  """`head_grams` by the Mosaic GPU kernel for the blocks' whole tiles and an einsum for
-  the rows after them (the short last block, or the tail of the one block); None where
-  the kernel takes no rows."""
-  from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
+def _gram_input(x):
+  x = jax.lax.stop_gradient(x)
+  return x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+
+
+def _zero_padding(x, valid):
+  return x if valid is None else jnp.where(valid[:, :, None, None], x, 0)
+
+
+def _kernel_rows(x, block_q, mosaic_grams):
+  """(block_rows, num_blocks) of the rows the Mosaic kernel takes: whole tiles of the one
+  block (block_q >= T), or the whole blocks; None where it takes none."""
   t = x.shape[1]
   tile = mosaic_grams.GramTiles().tile_rows
   one_block = block_q >= t
@@ -86,15 +115,19 @@ def _mosaic_grams(x: jax.Array, block_q: int, valid: jax.Array | None):
   num_blocks = 1 if one_block else t // block_q
   if block_rows == 0 or mosaic_grams.supports(x.shape, x.dtype, block_rows, num_blocks):
     return None
-  if valid is not None:
-    x = jnp.where(valid[:, :, None, None], x, 0)
-  grams = mosaic_grams.gram_blocks(x, block_rows=block_rows, num_blocks=num_blocks)
-  done = block_rows * num_blocks
-  if done < t:  # rows after the kernel's: a short last block, or the one block's tail
-    tail = x[:, done:]
-    tail_gram = einsum_per_batch_row("brhc,brhe->bhce", tail, tail,
-                                     precision=jax.lax.Precision.HIGHEST,
-                                     preferred_element_type=jnp.float32)[:, :, None]
-    grams = (grams + tail_gram if one_block
-             else jnp.concatenate([grams, tail_gram], axis=2))
-  return grams
+  return block_rows, num_blocks
+
+
+def _add_rows_after(grams, x, block_q, done):
+  """The Grams of rows `done..T` (a short last block, or the one block's tail) by the
+  einsum, added to the kernel's."""
+  t = x.shape[1]
+  if done >= t:
+    return grams
+  tail = x[:, done:]
+  tail_gram = einsum_per_batch_row("brhc,brhe->bhce", tail, tail,
+                                   precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)[:, :, None]
+  if block_q >= t:
+    return grams + tail_gram
+  return jnp.concatenate([grams, tail_gram], axis=2)

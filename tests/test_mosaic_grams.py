@@ -45,6 +45,7 @@ def test_supports_names_what_is_wrong():
   assert "float32" in grams.supports((1, 1024, 4, 128), jnp.float32, 1024)
   assert "multiple of tile_rows" in grams.supports((1, 1024, 4, 128), jnp.bfloat16, 100)
   assert "do not fit" in grams.supports((1, 1000, 4, 128), jnp.bfloat16, 512, 2)
+  assert "multiple of 8" in grams.supports((1, 1001, 4, 128), jnp.bfloat16, 512, 1)
   with pytest.raises(ValueError, match="gram_blocks: head dim"):
     grams.gram_blocks(jnp.zeros((1, 256, 2, 32), jnp.bfloat16), block_rows=256)
   with pytest.raises(ValueError, match="splits must divide"):
@@ -97,6 +98,7 @@ def test_kernel_matches_einsum(shape, block_rows, dtype):
     (1000, 256, True),     # 3 whole blocks by the kernel, a short one by the einsum
     (2048, 512, False),
     (100, 4096, False),    # fewer rows than a tile: einsum only
+    (1001, 4096, False),   # not a multiple of 8 rows: einsum only
 ])
 def test_head_grams_kernel_path_matches_einsum(t, block_q, padded):
   x = _x(2, (2, t, 4, 128), jnp.bfloat16)
@@ -107,3 +109,42 @@ def test_head_grams_kernel_path_matches_einsum(t, block_q, padded):
   want = _einsum_grams(x, block_q, valid)
   assert got.shape == want.shape
   assert _rel(got, want) < 1e-5
+
+
+def test_multi_checks_its_arrays():
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="share d and dtype"):
+    grams.gram_blocks_multi((q, jnp.zeros((1, 256, 2, 64), jnp.bfloat16)),
+                            block_rows=(256, 256), num_blocks=(1, 1))
+  with pytest.raises(ValueError, match="one entry per array"):
+    grams.gram_blocks_multi((q,), block_rows=(256, 256), num_blocks=(1,))
+
+
+def test_multi_lowers_for_cuda_on_cpu():
+  text = lower_for_h100(
+      lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1)),
+      jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16),
+      jax.ShapeDtypeStruct((2, 1096, 2, 128), jnp.bfloat16))
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_multi_matches_einsum():
+  # Q and K of a GQA layer, different lengths and block sizes, in one launch.
+  q = _x(3, (2, 1024, 8, 128), jnp.bfloat16)
+  k = _x(4, (2, 1096, 2, 128), jnp.bfloat16)
+  gq, gk = grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1))
+  assert _rel(gq, _einsum_grams(q, 512)) < 1e-5
+  assert _rel(gk, _einsum_grams(k[:, :1024], 4096)) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_head_grams_multi_kernel_path_matches_einsum():
+  q = _x(5, (2, 1000, 8, 64), jnp.float16)
+  k = _x(6, (2, 900, 4, 64), jnp.float16)
+  valid = jnp.arange(900)[None, :] < jnp.asarray([[900], [611]])
+  gq, gk = prep.head_grams_multi([(q, 256, None), (k, 900, valid)], kernel=True)
+  assert _rel(gq, _einsum_grams(q, 256)) < 1e-5
+  assert _rel(gk, _einsum_grams(k, 900, valid)) < 1e-5

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.experimental.pallas as pl
@@ -67,6 +68,8 @@ def supports(x_shape, dtype, block_rows: int, num_blocks: int | None = None,
     return f"head dim d={d} not in {HEAD_DIMS}"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
+  if t % 8:
+    return f"T={t} rows, not a multiple of 8 (the row tiles' TMA tiling)"
   if block_rows < tiles.tile_rows or block_rows % tiles.tile_rows:
     return f"block_rows={block_rows} must be a positive multiple of tile_rows={tiles.tile_rows}"
   if num_blocks < 1 or num_blocks * block_rows > t:
@@ -95,24 +98,53 @@ def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
   block are not read. splits: CTAs per block (default `pick_splits`), a divisor of the
   block's tile count.
   """
-  reason = supports(x.shape, x.dtype, block_rows, num_blocks, tiles)
-  if reason:
-    raise ValueError(f"gram_blocks: {reason}")
-  batch, t, heads, d = x.shape
-  nb = t // block_rows if num_blocks is None else num_blocks
-  tile_rows, stages = tiles.tile_rows, tiles.stages
-  tiles_per_block = block_rows // tile_rows
-  if splits is None:
-    splits = pick_splits(batch * heads * nb, tiles_per_block)
-  if splits < 1 or tiles_per_block % splits:
-    raise ValueError(f"splits must divide the {tiles_per_block} tiles of a block, got {splits}")
-  tiles_per_cta = tiles_per_block // splits
-  stages = min(stages, tiles_per_cta)
+  num_blocks = x.shape[1] // block_rows if num_blocks is None else num_blocks
+  return gram_blocks_multi((x,), block_rows=(block_rows,), num_blocks=(num_blocks,),
+                           splits=splits, tiles=tiles)[0]
 
-  def kernel(x_ref, out_ref, x_smems, gram_smem, loaded, free):
-    bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks")
-    block = lax.div(ci, i32(splits))
-    first = ci * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_blocks", "splits", "tiles"))
+def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int, ...],
+                      splits: int | None = None, tiles: GramTiles = GramTiles()):
+  """`gram_blocks` of several arrays (e.g. Q and K) in one launch: a tuple of float32
+  `[B_i, H_i, nb_i, d, d]`. Every x_i shares d and the dtype; CTAs [0, n_0) take x_0,
+  the next n_1 x_1, and so on, so the arrays share one wave of the GPU instead of each
+  paying its own ramp-up and tail. splits: CTAs per block, for every array (default:
+  the largest power of two dividing every block's tile count with one wave).
+  """
+  xs = tuple(xs)
+  if not (len(xs) == len(block_rows) == len(num_blocks)) or not xs:
+    raise ValueError("xs, block_rows and num_blocks must have one entry per array")
+  for x, rows, nb in zip(xs, block_rows, num_blocks):
+    reason = supports(x.shape, x.dtype, rows, nb, tiles)
+    if reason:
+      raise ValueError(f"gram_blocks: {reason}")
+  d, dtype = xs[0].shape[3], xs[0].dtype
+  if any(x.shape[3] != d or x.dtype != dtype for x in xs):
+    raise ValueError(f"the arrays must share d and dtype, got {[(x.shape, x.dtype) for x in xs]}")
+  tile_rows = tiles.tile_rows
+  tiles_per_block = [rows // tile_rows for rows in block_rows]
+  if splits is None:
+    base = sum(x.shape[0] * x.shape[2] * nb for x, nb in zip(xs, num_blocks))
+    splits = pick_splits(base, math.gcd(*tiles_per_block))
+  if splits < 1 or any(n % splits for n in tiles_per_block):
+    raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
+                     f"got {splits}")
+  # Per array: (batch, heads, CTAs per batch-head, tiles per CTA, first CTA).
+  plans, first_cta = [], 0
+  for x, nb, n in zip(xs, num_blocks, tiles_per_block):
+    per_head = nb * splits
+    plans.append((x.shape[0], x.shape[2], per_head, n // splits, first_cta))
+    first_cta += x.shape[0] * x.shape[2] * per_head
+  stages = min(tiles.stages, max(p[3] for p in plans))
+
+  def one_array(x_ref, out_ref, plan, local, x_smems, gram_smem, loaded, free):
+    _, heads, per_head, tiles_per_cta, _ = plan
+    chunk = lax.rem(local, i32(per_head))
+    bh = lax.div(local, i32(per_head))
+    bi, hi = lax.div(bh, i32(heads)), lax.rem(bh, i32(heads))
+    block = lax.div(chunk, i32(splits))
+    first = chunk * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 0)
@@ -139,24 +171,34 @@ def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
       plgpu.set_max_registers(40, action="decrease")
       common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(i * tile_rows, tile_rows), hi],),
                           (x_smems,), (loaded,), (free,), num_tiles=tiles_per_cta,
-                          stages=stages, first=first)
+                          stages=min(stages, tiles_per_cta), first=first)
 
-  def distr_gram(x_ref, out_ref):  # (the name the profiler shows)
-    smem = (plgpu.SMEM((stages, tile_rows, d), x.dtype,
-                       transforms=common.smem_transforms(d, x.dtype)),
+  def kernel(refs, scoped):
+    x_refs, out_refs = refs[:len(xs)], refs[len(xs):]
+    cta = lax.axis_index("cta")
+    for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
+      batch, heads, per_head, _, first = plan
+      mine = (cta >= first) & (cta < first + batch * heads * per_head)
+      pl.when(mine)(functools.partial(one_array, x_ref, out_ref, plan, cta - first,
+                                      *scoped))
+
+  def distr_gram(*refs):  # (the name the profiler shows)
+    smem = (plgpu.SMEM((stages, tile_rows, d), dtype,
+                       transforms=common.smem_transforms(d, dtype)),
             plgpu.SMEM((d, d), jnp.float32))
-    pl.run_scoped(lambda *scoped: kernel(x_ref, out_ref, *scoped), *smem,
+    pl.run_scoped(lambda *scoped: kernel(refs, scoped), *smem,
                   plgpu.Barrier(num_barriers=stages),
                   plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                   collective_axes="wg")
 
-  out = jax.new_ref(jnp.zeros((batch, heads, nb, d, d), jnp.float32))
+  outs = [jax.new_ref(jnp.zeros((x.shape[0], x.shape[2], nb, d, d), jnp.float32))
+          for x, nb in zip(xs, num_blocks)]
   plgpu.kernel(
       distr_gram,
       out_type=(),
-      grid=(heads, nb * splits, batch),
-      grid_names=("heads", "chunks", "batch"),
+      grid=(first_cta,),
+      grid_names=("cta",),
       num_threads=2,
       thread_name="wg",
-  )(x, out)
-  return out[...]
+  )(*xs, *outs)
+  return tuple(out[...] for out in outs)
