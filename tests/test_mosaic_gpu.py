@@ -359,3 +359,90 @@ def test_blocked_lowers_for_cuda_on_cpu(causal):
   # full blocks share one jitted function and the short last block has its own; causal,
   # every block has its own query offset.
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (8 if causal else 4)
+
+
+# The query projection inside the forward kernel (`attention_projected`):
+# (d, r, causal, dtype, heads, k_heads, q_len, kv_len)
+PROJECTED_CASES = [
+    (128, 32, False, jnp.bfloat16, 4, 2, 1000, 1000),
+    (128, 32, True, jnp.bfloat16, 2, 2, 4096, 4096),
+    (128, 16, True, jnp.float16, 4, 4, 777, 1000),
+    (64, 32, False, jnp.bfloat16, 4, 2, 1000, 777),
+    (64, 16, True, jnp.bfloat16, 4, 2, 1000, 1000),
+]
+
+
+def _projected_inputs(seed, d, r, dtype, heads, k_heads, q_len, kv_len):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(ks[0], (2, q_len, heads, d), dtype)
+  # A dense map with the softmax scale in it: Q_rep entries ~ 2 / sqrt(r) * N(0, 1)
+  # (peaked enough to catch row-max errors, as `_inputs`).
+  q_map = jax.random.normal(ks[1], (2, heads, d, r), jnp.float32) * (2 / np.sqrt(d * r))
+  k = jax.random.normal(ks[2], (2, kv_len, k_heads, r), dtype)
+  v = jax.random.normal(ks[3], (2, kv_len, k_heads, d), dtype)
+  d_out = jax.random.normal(ks[4], (2, q_len, heads, d), dtype)
+  return q, q_map, k, v, d_out
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("d,r,causal,dtype,heads,k_heads,q_len,kv_len", PROJECTED_CASES)
+def test_projected_forward_and_gradients(d, r, causal, dtype, heads, k_heads, q_len, kv_len):
+  q, q_map, k, v, d_out = _projected_inputs(d + r + q_len + causal, d, r, dtype, heads,
+                                            k_heads, q_len, kv_len)
+  tol = _tol(dtype)
+
+  def ref(q, k, v):  # float32 attention at Q_rep = q q_map (the map held constant)
+    q_rep = jnp.einsum("bthd,bhdr->bthr", q.astype(jnp.float32), q_map, precision="highest")
+    return reference(q_rep, k, v, causal)[0]
+
+  out, vjp = jax.vjp(lambda q, k, v: mosaic.attention_projected(q, q_map, k, v,
+                                                                causal=causal), q, k, v)
+  out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  _check(out, out_ref, "out", tol)
+  # Against the kernel on the XLA projection: the same Q_rep up to the map's last bits.
+  q_rep = mosaic.project_queries(q, q_map)
+  _check(out, mosaic.attention(q_rep, k, v, causal=causal), "out vs unfused", tol / 4)
+  _, lse = mosaic.forward_projected(q, q_map, k, v, causal=causal)
+  _check(lse, mosaic.forward(q_rep, k, v, causal=causal)[1], "lse vs unfused", 1e-3)
+  for name, g, g_ref, x in zip(("dq", "dk", "dv"), vjp(d_out),
+                               vjp_ref(d_out.astype(jnp.float32)), (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    _check(g, g_ref, name, 2 * tol)
+
+
+def test_projection_supported_names_what_is_wrong():
+  ok = ((1, 100, 4, 128), (1, 4, 128, 32), (1, 100, 2, 128), jnp.bfloat16)
+  assert mosaic.projection_supported(*ok) is None
+  assert "differs from v" in mosaic.projection_supported(
+      (1, 100, 4, 128), (1, 4, 128, 32), (1, 100, 2, 64), jnp.bfloat16)
+  assert "map width" in mosaic.projection_supported(
+      (1, 100, 4, 64), (1, 4, 64, 8), (1, 100, 2, 64), jnp.bfloat16)
+  assert "does not match" in mosaic.projection_supported(
+      (1, 100, 4, 128), (1, 2, 128, 32), (1, 100, 2, 128), jnp.bfloat16)
+  # r=64 at dv=128 stores O from registers (no staging buffer for the Q tile)
+  assert "staging" in mosaic.projection_supported(
+      (1, 100, 4, 128), (1, 4, 128, 64), (1, 100, 2, 128), jnp.bfloat16)
+  assert "shared memory" in mosaic.projection_supported(
+      (1, 100, 4, 256), (1, 4, 256, 32), (1, 100, 2, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="forward_projected: .*staging"):
+    mosaic.forward_projected(jnp.zeros((1, 128, 2, 128), jnp.bfloat16),
+                             jnp.zeros((1, 2, 128, 64)), jnp.zeros((1, 128, 2, 64), jnp.bfloat16),
+                             jnp.zeros((1, 128, 2, 128), jnp.bfloat16), causal=False)
+
+
+@pytest.mark.parametrize("d,r,causal", [(128, 32, False), (64, 16, True)])
+def test_projected_lowers_for_cuda_on_cpu(d, r, causal):
+  args = (jax.ShapeDtypeStruct((1, 1000, 4, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 4, d, r), jnp.float32),
+          jax.ShapeDtypeStruct((1, 900, 2, r), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 900, 2, d), jnp.bfloat16))
+
+  def loss(q, q_map, k, v):
+    return jnp.sum(mosaic.attention_projected(q, q_map, k, v, causal=causal)
+                   .astype(jnp.float32))
+
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 2, 3)), *args)
+  fused = mosaic_tiles.pick_tiles(r, d, jnp.bfloat16).fused_bwd
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if fused else 3)

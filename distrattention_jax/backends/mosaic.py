@@ -57,6 +57,18 @@ def _supports(problem: base.Problem) -> str | None:
   return None
 
 
+def _k_fused(reduction, key, kernel_path: bool):
+  """`K_fused [B, Tk, Hk, r]` of one grouping block: on the GPU kernel path by the Mosaic
+  projection kernel where it applies (BTNH output written in place: no per-row products
+  stacked), else `reduction.k_fused`."""
+  from pallas_kernels.mosaic_gpu import project  # pylint: disable=import-outside-toplevel
+  k_map = reduction.k_map[:, :, 0]                              # [B, Hk, d, r]
+  k_map = jnp.broadcast_to(k_map, (key.shape[0],) + k_map.shape[1:])
+  if kernel_path and project.supports(key.shape, k_map.shape, key.dtype) is None:
+    return project.projected(key, k_map)
+  return reduction.k_fused(key, per_batch_row=kernel_path)
+
+
 class MosaicBackend(base.Backend):
   """DistrAttention through pallas_kernels.mosaic_gpu (see the module docstring)."""
 
@@ -86,10 +98,19 @@ class MosaicBackend(base.Backend):
       return mosaic.attention(q, key, value, causal=causal)
     # One projection per batch row on the GPU kernel path (prep.einsum_per_batch_row).
     rows = self.uses_grouping_kernel
+    if reduction.num_blocks == 1:
+      k_fused = _k_fused(reduction, key, rows)                  # [B, Tk, Hk, r]
+      q_map = reduction.q_map[:, :, 0] * problem.scale          # [B, H, d, r], scale in
+      q_map = jnp.broadcast_to(q_map, (query.shape[0],) + q_map.shape[1:])
+      if mosaic.projection_supported(query.shape, q_map.shape, value.shape,
+                                     query.dtype) is None:
+        # Q_rep inside the forward kernel: Q is read once there instead of projected,
+        # written and read again (docs/KERNEL_NOTES.md, seventh session).
+        return mosaic.attention_projected(query, jax.lax.stop_gradient(q_map), k_fused,
+                                          value, causal=causal)
+      q_rep = reduction.q_rep(query, problem.scale, per_batch_row=rows).astype(query.dtype)
+      return mosaic.attention(q_rep, k_fused, value, causal=causal)
     q_rep = reduction.q_rep(query, problem.scale, per_batch_row=rows).astype(query.dtype)
-    if reduction.num_blocks == 1:                               # q_rep: [B, Tq, H, r]
-      return mosaic.attention(q_rep, reduction.k_fused(key, per_batch_row=rows), value,
-                              causal=causal)
     k_blocks = reduction.k_fused_blocks(key, per_batch_row=rows)  # [B, Hk, nb, Tk, r]
     k_blocks = jnp.transpose(k_blocks, (0, 2, 3, 1, 4))       # [B, nb, Tk, Hk, r]
     return mosaic.attention_blocked(q_rep, k_blocks, value, group_block_q=reduction.block_q,

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.backward import dkv_call, dq_call
 from pallas_kernels.mosaic_gpu.forward import forward_call
-from pallas_kernels.mosaic_gpu.tiles import Tiles, pick_tiles
+from pallas_kernels.mosaic_gpu.project import split_map
+from pallas_kernels.mosaic_gpu.tiles import SMEM_BYTES, Tiles, pick_tiles
 
 
 def _pad_axis(x, axis: int, multiple: int):
@@ -134,6 +135,104 @@ def attention(q, k, v, *, causal: bool = False, kv_len: int | None = None,
   `kv_len` (static): keys at positions >= kv_len are ignored (their gradients are 0).
   """
   return _attention(q, k, v, causal, kv_len, tiles, 0)
+
+
+def projection_supported(q_shape, q_map_shape, v_shape, dtype,
+                         tiles: Tiles | None = None) -> str | None:
+  """None if `attention_projected` takes these shapes, else the reason."""
+  if len(q_shape) != 4 or len(q_map_shape) != 4:
+    return f"q [B, T, H, d] and q_map [B, H, d, r] expected, got {q_shape}, {q_map_shape}"
+  batch, _, heads, d = q_shape
+  if tuple(q_map_shape[:3]) != (batch, heads, d):
+    return f"q_map {tuple(q_map_shape)} does not match q {tuple(q_shape)}"
+  r, dv = q_map_shape[3], v_shape[-1]
+  if r % 16 or not 16 <= r <= d:
+    return f"map width r={r} (a multiple of 16 in [16, d])"
+  if d != dv:
+    return f"q's width d={d} differs from v's dv={dv} (the Q tile lands in O's buffer)"
+  if d % 64 or not 64 <= d <= 256:
+    return f"head dim d={d} (a multiple of 64 in [64, 256])"
+  tiles = tiles if tiles is not None else pick_tiles(r, dv, dtype)
+  if not tiles.stage_out:
+    return f"tiles without an O staging buffer (r={r}, dv={dv})"
+  itemsize = jnp.dtype(dtype).itemsize
+  need = tiles.forward_smem_bytes(r, dv, itemsize) + 2 * r * d * itemsize
+  if need > SMEM_BYTES:
+    return f"shared memory: {need} bytes with the map's {2 * r * d * itemsize} (> {SMEM_BYTES})"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "tiles"))
+def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = None):
+  """`forward` of `(q q_map, k, v)` with the projection inside the kernel:
+  (out [B, Tq, H, dv], lse [B, H, Tq]). q [B, Tq, H, d]; q_map float32 [B, H, d, r]."""
+  # The usual checks on Q_rep's shape (q with k's width), then the projection's own.
+  common.check_supported(jax.ShapeDtypeStruct(q.shape[:-1] + k.shape[-1:], q.dtype), k, v)
+  reason = projection_supported(q.shape, q_map.shape, v.shape, q.dtype, tiles)
+  if reason:
+    raise ValueError(f"forward_projected: {reason}")
+  tiles = _tiles_for(k, v, tiles)
+  batch, q_len, heads, _ = q.shape
+  dv = v.shape[-1]
+  if q_len == 0 or k.shape[1] == 0:
+    return (jnp.zeros((batch, q_len, heads, dv), q.dtype),
+            jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32))
+  qp = _pad_axis(q, 1, tiles.q_multiple)
+  kp = _pad_axis(k, 1, tiles.kv_multiple)
+  vp = _pad_axis(v, 1, tiles.kv_multiple)
+  out, lse = forward_call(qp, kp, vp, causal=causal, kv_len=k.shape[1], tiles=tiles,
+                          q_map_t=split_map(q_map, q.dtype))
+  return out[:, :q_len], lse[:, :, :q_len]
+
+
+def project_queries(q, q_map):
+  """`Q_rep = q q_map` `[B, T, H, r]` in q's dtype, as the XLA path computes it (float32
+  products of the input and the float32 map)."""
+  return jnp.einsum("bthd,bhdr->bthr", q, q_map.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_projected(q, q_map, k, v, causal, tiles):
+  return forward_projected(q, q_map, k, v, causal=causal, tiles=tiles)[0]
+
+
+def _attention_projected_fwd(q, q_map, k, v, causal, tiles):
+  out, lse = forward_projected(q, q_map, k, v, causal=causal, tiles=tiles)
+  return out, (q, q_map, k, v, out, lse)
+
+
+def _attention_projected_bwd(causal, tiles, residuals, d_out):
+  q, q_map, k, v, out, lse = residuals
+  # The backward kernels take Q_rep: recomputed here (one read of Q), not kept from the
+  # forward, whose kernel never writes it.
+  q_rep = project_queries(q, q_map)
+  d_q_rep, dk, dvv = backward(q_rep, k, v, out, lse, d_out, causal=causal, tiles=tiles)
+  hi = jax.lax.Precision.HIGHEST
+  dq = jnp.einsum("bthr,bhdr->bthd", d_q_rep, q_map.astype(jnp.float32), precision=hi,
+                  preferred_element_type=jnp.float32).astype(q.dtype)
+  # The map's own gradient (dead code, removed by XLA, where it is held constant).
+  d_map = jnp.einsum("bthd,bthr->bhdr", q, d_q_rep, precision=hi,
+                     preferred_element_type=jnp.float32).astype(q_map.dtype)
+  return dq, d_map, dk, dvv
+
+
+_attention_projected.defvjp(_attention_projected_fwd, _attention_projected_bwd)
+
+
+def attention_projected(q, q_map, k, v, *, causal: bool = False, tiles: Tiles | None = None):
+  """`attention(q q_map, k, v)` with the query projection inside the forward kernel.
+
+  q [B, Tq, H, d] (full width); q_map float32 [B, H, d, r] with the softmax scale folded
+  in (differentiable; the lowrank and grouping maps come under stop_gradient);
+  k [B, Tk, Hk, r]; v [B, Tk, Hv, dv] with dv == d. Saves writing and
+  re-reading `Q_rep`; the forward's Q_rep is `q q_map` rounded to q's dtype, computed
+  with the map split into two parts of q's dtype (~16 bits). Gradients: dq = dQ_rep
+  q_map^T, d q_map = q^T dQ_rep (Q_rep recomputed in the backward).
+  `projection_supported` says which shapes it takes.
+  """
+  return _attention_projected(q, q_map, k, v, causal, tiles)
 
 
 def attention_blocked(q, k, v, *, group_block_q: int, causal: bool = False,

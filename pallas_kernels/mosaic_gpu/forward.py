@@ -25,11 +25,29 @@ from pallas_kernels.mosaic_gpu.common import LN2, LOG2E, MASKED, WGMMA_ROW, i32
 from pallas_kernels.mosaic_gpu.tiles import Tiles
 
 
-def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: int = 0):
+def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: int = 0,
+                 q_map_t=None):
   """`q_offset` (static, causal only): query row 0 sits at position q_offset, so query i
-  sees keys j <= i + q_offset (one grouping block of a longer sequence)."""
-  batch, q_len, heads, r = q.shape
-  _, kv_len_padded, k_heads, _ = k.shape
+  sees keys j <= i + q_offset (one grouping block of a longer sequence).
+
+  `q_map_t` (optional): the query projection done in the kernel. q is then the full
+  `[B, Tq, H, d]` and q_map_t `[B, H, 2, r, d]` (q's dtype) the transposed map as a
+  high and a low part (`map ~ hi + lo`, so `Q hi + Q lo` keeps ~16 bits of the float32
+  map): each warpgroup computes its `Q_rep = Q map` tile with two wgmmas into float32,
+  rounds it to the input dtype (as the XLA projection does) and goes on as usual. The
+  full-width Q tile lands in the O staging buffer (free until the epilogue), so this
+  needs `tiles.stage_out` and d == dv."""
+  batch, q_len, heads, q_width = q.shape
+  _, kv_len_padded, k_heads, r = k.shape
+  project = q_map_t is not None
+  if project:
+    if not tiles.stage_out or q_width != v.shape[3]:
+      raise ValueError("the in-kernel query projection needs stage_out tiles and d == dv")
+    if q_map_t.shape != (batch, heads, 2, r, q_width):
+      raise ValueError(f"q_map_t must be [B, H, 2, r, d] = {(batch, heads, 2, r, q_width)}, "
+                       f"got {q_map_t.shape}")
+  elif q_width != r:
+    raise ValueError(f"q's width {q_width} must equal k's width {r}")
   v_heads, dv = v.shape[2], v.shape[3]
   dtype = q.dtype
   wgs, block_q, block_kv = tiles.compute_wgs, tiles.block_q, tiles.block_kv
@@ -42,9 +60,9 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
   rescale_threshold = float(tiles.rescale_threshold)  # 0: rescale O every tile
   cta_rows = wgs * block_q
 
-  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, smem, loaded, free, schedule):
-    q_smems, o_smems, lse_smems, k_smems, v_smems = smem
-    q_loaded, k_loaded, v_loaded = loaded
+  def kernel(q_ref, k_ref, v_ref, map_ref, out_ref, lse_ref, smem, loaded, free, schedule):
+    q_smems, o_smems, lse_smems, k_smems, v_smems, map_smem = smem
+    q_loaded, k_loaded, v_loaded, map_loaded = loaded
     k_free, v_free = free
     # Causal CTAs stream key tiles up to the diagonal of their last query row.
     bi, hi, qi, wg, cta_tiles = common.query_tile_cta(
@@ -61,8 +79,9 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       q_base = (qi * wgs + wg) * block_q
       q_pos = q_base + q_offset if q_offset else q_base  # position for the causal mask
       q_smem, lse_smem = q_smems.at[wg], lse_smems.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], q_smem,
-                              q_loaded.at[wg])
+      # With the projection the full-width tile lands in the O buffer (free until the end).
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi],
+                              o_smems.at[wg] if project else q_smem, q_loaded.at[wg])
       # This warpgroup's tiles: [0, wg_tiles); [0, plain_tiles) need no mask.
       wg_tiles, plain_tiles = common.query_rows_key_tiles(
           q_pos, block_q, block_kv, num_kv_tiles, causal=causal, kv_tail=kv_tail)
@@ -71,6 +90,17 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       l_i = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
       acc = common.zeros_acc((block_q, dv))
       plgpu.barrier_wait(q_loaded.at[wg])
+      if project:
+        # Q_rep = Q (hi + lo)  ([block_q, r], contracted over d), rounded to the input
+        # dtype like the XLA projection, then stored where the score wgmma reads it.
+        plgpu.barrier_wait(map_loaded)
+
+        def project_q(acc_ref):
+          plgpu.wgmma(acc_ref, o_smems.at[wg], map_smem.at[0].T)
+          plgpu.wgmma(acc_ref, o_smems.at[wg], map_smem.at[1].T)
+        q_rep = pl.run_state(project_q)(plgpu.ACC.init(common.zeros_acc((block_q, r))))
+        q_smem[...] = q_rep.astype(dtype)
+        plgpu.commit_smem()  # generic-proxy stores, read next by the wgmma (async proxy)
 
       @pl.when(wg_tiles > 0)
       def _():
@@ -174,6 +204,9 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
+      if project:  # the head's map (both parts), read by both consumers
+        for part in range(2):
+          plgpu.copy_gmem_to_smem(map_ref.at[bi, hi, part], map_smem.at[part], map_loaded)
       k_head = lax.div(hi, i32(q_per_k))  # GQA: index the shared head, no copies
       v_head = lax.div(hi, i32(q_per_v))
 
@@ -183,7 +216,11 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       common.stream_tiles(tile, (k_smems, v_smems), (k_loaded, v_loaded), (k_free, v_free),
                           num_tiles=cta_tiles, stages=stages)
 
-  def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+  def entry(*refs):
+    if project:
+      q_ref, k_ref, v_ref, map_ref, out_ref, lse_ref = refs
+    else:
+      (q_ref, k_ref, v_ref, out_ref, lse_ref), map_ref = refs, None
     smem = (
         plgpu.SMEM((wgs, block_q, r), dtype, transforms=common.smem_transforms(r, dtype)),
         (plgpu.SMEM((wgs, block_q, dv), dtype, transforms=common.smem_transforms(dv, dtype))
@@ -192,13 +229,18 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
         plgpu.SMEM((stages, block_kv, r), dtype, transforms=common.smem_transforms(r, dtype)),
         plgpu.SMEM((stages, block_kv, dv), dtype,
                    transforms=common.smem_transforms(dv, dtype)),
+        # The map's transposed parts [r, d]: rows of d elements, the swizzle of the
+        # full-width Q tile (wgmma needs one swizzle for both operands).
+        (plgpu.SMEM((2, r, q_width), dtype, transforms=common.smem_transforms(q_width, dtype))
+         if project else None),
     )
     loaded = (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=stages),
-              plgpu.Barrier(num_barriers=stages))
+              plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_arrivals=2) if project else None)
     free = (plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
     pl.run_scoped(
-        lambda *scoped: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *scoped),
+        lambda *scoped: kernel(q_ref, k_ref, v_ref, map_ref, out_ref, lse_ref, *scoped),
         smem, loaded, free, plgpu.Barrier(num_arrivals=wgs), collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct((batch, q_len, heads, dv), dtype),
@@ -211,4 +253,4 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v)
+  )(q, k, v, *([q_map_t] if project else []))

@@ -1,0 +1,196 @@
+"""Row projections `X W` of a BTNH array on Hopper (Pallas Mosaic GPU): `K_fused = K k_map`.
+
+The narrow attention kernels read `K_fused [B, T, Hk, r]`; XLA computes it as one
+batched GEMM per batch row on the BTNH layout, then stacks the rows (a copy of the
+output at B > 1: 0.055 ms for K at B=4, H=16, N=16384, d=128 on an H100, 2026-12-06).
+This kernel writes the BTNH output in place:
+
+* one CTA per (output head, run of `tiles_per_cta` row tiles, batch row);
+* a TMA producer warpgroup streams `[tile_rows, d]` tiles of the head's rows (GQA: output
+  head h reads input head `h // (Hk / H)`) through `stages` shared-memory slots;
+* one consumer warpgroup multiplies each tile by the map held in shared memory, as a
+  high and a low part in the input dtype (`W ~ hi + lo`, ~16 bits of the float32 map,
+  two wgmmas into one float32 accumulator), rounds to the input dtype (as XLA's float32
+  product then cast) and stores the `[tile_rows, r]` tile by TMA from one of two
+  staging buffers.
+
+Rows must come in whole tiles (`supports`); imports nothing from distrattention_jax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mosaic_gpu import common
+from pallas_kernels.mosaic_gpu.common import i32
+
+TILE_ROWS = 128
+STAGES = 4
+SM_COUNT = 132
+
+
+def split_map(w, dtype):
+  """float32 `[..., d, r]` -> `[..., 2, r, d]` in `dtype`: the transposed map as a high
+  part and the rest (`hi + lo` keeps ~16 bits of each entry for bf16; ~21 for f16,
+  fewer where the rest falls below f16's normal range).
+
+  The high part is cut in float32 (bf16: the low 16 bits masked off; f16: rounded with
+  `reduce_precision`), not as `m - m.astype(dtype).astype(float32)`: XLA's GPU pipeline
+  may drop that float32 -> bf16 -> float32 round trip (excess precision allowed), which
+  made `lo` zero on an H100 (2026-12-06) and the map bf16-only."""
+  m = jnp.swapaxes(w.astype(jnp.float32), -1, -2)
+  if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+    bits = jax.lax.bitcast_convert_type(m, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    hi32 = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  else:
+    info = jnp.finfo(dtype)
+    hi32 = jax.lax.reduce_precision(m, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  return jnp.stack([hi32.astype(dtype), (m - hi32).astype(dtype)], axis=-3)
+
+
+def supports(x_shape, w_shape, dtype) -> str | None:
+  """None if `project_rows` takes `x [B, T, H, d]` and `w [B, Hout, d, r]`, else why."""
+  if len(x_shape) != 4 or len(w_shape) != 4:
+    return f"x [B, T, H, d] and w [B, Hout, d, r] expected, got {x_shape}, {w_shape}"
+  batch, t, heads, d = x_shape
+  if w_shape[0] != batch or w_shape[2] != d or w_shape[1] % heads:
+    return f"w {tuple(w_shape)} does not match x {tuple(x_shape)} (Hout a multiple of H)"
+  r = w_shape[3]
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
+  if d % 64 or not 64 <= d <= 256:
+    return f"head dim d={d} (a multiple of 64 in [64, 256])"
+  if r % 16 or not 16 <= r <= 128:
+    return f"map width r={r} (a multiple of 16 in [16, 128])"
+  if t == 0 or t % TILE_ROWS:
+    return f"T={t} rows, not a positive multiple of {TILE_ROWS}"
+  return None
+
+
+def _tiles_per_cta(ctas_base: int, num_tiles: int) -> int:
+  """Row tiles per CTA: the fewest (a divisor of num_tiles) that keep the grid within
+  about two waves, so each CTA's pipeline has tiles to overlap."""
+  per = 1
+  while num_tiles % (2 * per) == 0 and ctas_base * num_tiles // per > 2 * SM_COUNT:
+    per *= 2
+  return per
+
+
+@jax.jit
+def project_rows(x, w):
+  """`[B, T, Hout, r]` in x's dtype: `x[b, :, h // (Hout / H)] @ w[b, h]` per output head.
+
+  x: `[B, T, H, d]` bf16/f16; w: float32 `[B, Hout, d, r]` (`supports`)."""
+  reason = supports(x.shape, w.shape, x.dtype)
+  if reason:
+    raise ValueError(f"project_rows: {reason}")
+  batch, t, heads, d = x.shape
+  out_heads, r = w.shape[1], w.shape[3]
+  fan = out_heads // heads
+  dtype = x.dtype
+  num_tiles = t // TILE_ROWS
+  per_cta = _tiles_per_cta(batch * out_heads, num_tiles)
+  stages = min(STAGES, per_cta)
+
+  def kernel(x_ref, w_ref, out_ref, x_smems, w_smem, out_smems, loaded, free, w_loaded):
+    ho, ci, bi = (lax.axis_index(n) for n in ("heads", "chunks", "batch"))
+    first = ci * per_cta
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _consumer():
+      plgpu.barrier_wait(w_loaded)
+
+      @pl.loop(0, per_cta)
+      def _(j):
+        slot = lax.rem(j, i32(stages))
+        buf = lax.rem(j, i32(2))
+        plgpu.barrier_wait(loaded.at[slot])
+
+        def project(acc_ref):  # X_t (hi + lo)  ([tile_rows, r], contracted over d)
+          plgpu.wgmma(acc_ref, x_smems.at[slot], w_smem.at[0].T)
+          plgpu.wgmma(acc_ref, x_smems.at[slot], w_smem.at[1].T)
+        y = pl.run_state(project)(plgpu.ACC.init(common.zeros_acc((TILE_ROWS, r))))
+        plgpu.barrier_arrive(free.at[slot])
+        # The store two tiles ago used this staging buffer: wait until it was read.
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        out_smems.at[buf][...] = y.astype(dtype)
+        plgpu.commit_smem()
+        rows = pl.ds((first + j) * TILE_ROWS, TILE_ROWS)
+        plgpu.copy_smem_to_gmem(out_smems.at[buf], out_ref.at[bi, rows, ho])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      for part in range(2):
+        plgpu.copy_gmem_to_smem(w_ref.at[bi, ho, part], w_smem.at[part], w_loaded)
+      head = lax.div(ho, i32(fan))
+      common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(i * TILE_ROWS, TILE_ROWS), head],),
+                          (x_smems,), (loaded,), (free,), num_tiles=per_cta,
+                          stages=stages, first=first)
+
+  def distr_project(x_ref, w_ref, out_ref):  # (the name the profiler shows)
+    scoped = (
+        plgpu.SMEM((stages, TILE_ROWS, d), dtype, transforms=common.smem_transforms(d, dtype)),
+        plgpu.SMEM((2, r, d), dtype, transforms=common.smem_transforms(d, dtype)),
+        plgpu.SMEM((2, TILE_ROWS, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2),
+    )
+    pl.run_scoped(lambda *refs: kernel(x_ref, w_ref, out_ref, *refs), *scoped,
+                  collective_axes="wg")
+
+  return plgpu.kernel(
+      distr_project,
+      out_type=jax.ShapeDtypeStruct((batch, t, out_heads, r), dtype),
+      grid=(out_heads, num_tiles // per_cta, batch),
+      grid_names=("heads", "chunks", "batch"),
+      num_threads=2,
+      thread_name="wg",
+  )(x, split_map(w, dtype))
+
+
+def _project_reference(x, w):
+  """`project_rows` in XLA (float32 products, rounded to x's dtype)."""
+  batch, t, heads, d = x.shape
+  fan = w.shape[1] // heads
+  wg = w.astype(jnp.float32).reshape(batch, heads, fan, d, w.shape[3])
+  y = jnp.einsum("bthd,bhfdr->bthfr", x, wg, precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  return y.reshape(batch, t, heads * fan, w.shape[3]).astype(x.dtype)
+
+
+@jax.custom_vjp
+def projected(x, w):
+  """`project_rows(x, w)`, differentiable: dx = dy w^T summed over each input head's
+  output heads, dw = x^T dy (float32)."""
+  return project_rows(x, w)
+
+
+def _projected_fwd(x, w):
+  return project_rows(x, w), (x, w)
+
+
+def _projected_bwd(residuals, dy):
+  x, w = residuals
+  batch, t, heads, d = x.shape
+  fan, r = w.shape[1] // heads, w.shape[3]
+  dyg = dy.reshape(batch, t, heads, fan, r)
+  wg = w.astype(jnp.float32).reshape(batch, heads, fan, d, r)
+  hi = jax.lax.Precision.HIGHEST
+  dx = jnp.einsum("bthfr,bhfdr->bthd", dyg, wg, precision=hi,
+                  preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.einsum("bthd,bthfr->bhfdr", x, dyg, precision=hi,
+                  preferred_element_type=jnp.float32).reshape(w.shape).astype(w.dtype)
+  return dx, dw
+
+
+projected.defvjp(_projected_fwd, _projected_bwd)
