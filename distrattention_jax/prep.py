@@ -9,6 +9,8 @@ docs/KERNEL_NOTES.md, "Preparation kernels".)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -56,8 +58,8 @@ def head_grams(x: jax.Array, block_q: int, valid: jax.Array | None = None, *,
   x: `[B, T, H, d]`, taken under stop_gradient; rows where `valid [B, T]` is False
   (padding) are left out; the last block may be short. bf16/f16 products are exact in
   float32 (tensor cores); other dtypes are taken in float32. `per_batch_row`: see
-  `einsum_per_batch_row` (True on the GPU kernel path). `kernel`: on a GPU, the Mosaic
-  GPU Gram kernel (`pallas_kernels.mosaic_gpu.grams`) takes the whole tiles of rows it
+  `einsum_per_batch_row` (True on the GPU kernel path). `kernel`: on a Hopper GPU, the
+  Mosaic GPU Gram kernel (`pallas_kernels.mosaic_gpu.grams`) takes the whole tiles of rows it
   supports (bf16/f16, d in {64, 128}), the einsum the rest: the same sums in another
   order.
   """
@@ -71,7 +73,7 @@ def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False
   takes share one launch (`grams.gram_blocks_multi`)."""
   items = [(_gram_input(x), block_q, valid) for x, block_q, valid in items]
   out = [None] * len(items)
-  if kernel and jax.default_backend() == "gpu":
+  if kernel and _hopper():
     from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
     plans = {i: _kernel_rows(x, block_q, mosaic_grams) for i, (x, block_q, _) in
              enumerate(items)}
@@ -94,6 +96,19 @@ def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False
                                     precision=jax.lax.Precision.HIGHEST,
                                     preferred_element_type=jnp.float32)
   return out
+
+
+@functools.cache
+def _hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x): the Mosaic Gram
+  kernel uses wgmma, which other GPUs (Ampere, Blackwell) do not have."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    capability = str(jax.devices()[0].compute_capability)
+  except (AttributeError, RuntimeError):
+    return False
+  return capability.split(".")[0] == "9"
 
 
 def _gram_input(x):

@@ -148,3 +148,13 @@ def test_head_grams_multi_kernel_path_matches_einsum():
   gq, gk = prep.head_grams_multi([(q, 256, None), (k, 900, valid)], kernel=True)
   assert _rel(gq, _einsum_grams(q, 256)) < 1e-5
   assert _rel(gk, _einsum_grams(k, 900, valid)) < 1e-5
+
+
+def test_kernel_path_only_on_hopper(monkeypatch):
+  """Other GPUs (no wgmma) and CPUs take the einsum with kernel=True."""
+  if jax.default_backend() != "gpu":
+    assert not prep._hopper()
+  monkeypatch.setattr(prep, "_hopper", lambda: False)
+  x = _x(7, (1, 256, 2, 64), jnp.bfloat16)
+  (got,) = prep.head_grams_multi([(x, 256, None)], kernel=True)
+  np.testing.assert_allclose(got, _einsum_grams(x, 256), rtol=1e-5, atol=1e-3)
