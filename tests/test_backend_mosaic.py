@@ -90,6 +90,39 @@ def test_lowers_for_cuda_on_cpu(group_size, block_q, causal):
   assert "@mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("q_len,d,group_size,projected,k_kernel", [
+    (640, 128, 4, True, True),     # Q_rep in the forward kernel, K_fused by the kernel
+    (600, 128, 4, True, False),    # 600 keys: not whole 128-row tiles, XLA's K_fused
+    (640, 128, 2, False, True),    # r=64 stores O from registers: XLA's Q_rep
+])
+def test_one_block_routes_projections_to_the_kernels(q_len, d, group_size, projected,
+                                                     k_kernel):
+  """With one grouping block the backend computes Q_rep inside the forward kernel and
+  K_fused by the projection kernel where they apply (lowered for CUDA on a CPU)."""
+  from pallas_kernels.mosaic_gpu import attention as mosaic_attention  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.mosaic_gpu import project  # pylint: disable=import-outside-toplevel
+  masks = config.Masks(is_causal=False)
+  cfg = config.DistrConfig(group_size=group_size, block_q=1024)
+  backend = mosaic_backend.MosaicBackend()
+
+  def loss(q, k, v, perm):
+    problem = base.Problem.from_call(q, k, v, masks, cfg, None)
+    reduction = grouping.HeadReduction.from_permutation(perm, group_size=group_size,
+                                                        block_q=1024)
+    return jnp.sum(backend(q, k, v, reduction, masks, problem).astype(jnp.float32))
+
+  args = [jax.ShapeDtypeStruct((2, q_len, 4, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((2, q_len, 2, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((2, q_len, 2, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((2, 4, 1, d), jnp.int32)]
+  with mock.patch.object(mosaic_attention, "attention_projected",
+                         wraps=mosaic_attention.attention_projected) as fused_q, \
+       mock.patch.object(project, "projected", wraps=project.projected) as fused_k:
+    text = lower_for_h100(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+  assert fused_q.called == projected and fused_k.called == k_kernel
+  assert text.count("stablehlo.custom_call @mosaic_gpu") >= 2 + k_kernel
+
+
 # --- on a GPU -----------------------------------------------------------------------------
 
 
