@@ -446,3 +446,14 @@ def test_projected_lowers_for_cuda_on_cpu(d, r, causal):
   text = lower_for_h100(jax.grad(loss, argnums=(0, 2, 3)), *args)
   fused = mosaic_tiles.pick_tiles(r, d, jnp.bfloat16).fused_bwd
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if fused else 3)
+
+
+def test_project_queries_is_the_sixteen_bit_map_product():
+  """The XLA side of the projected path (Q_rep for the backward, dq): the map as two half
+  parts, float32 products, one rounding; within bf16 rounding of the float32 product."""
+  q, q_map, _, _, _ = _projected_inputs(0, 128, 32, jnp.bfloat16, 2, 2, 256, 256)
+  got = mosaic.project_queries(q, q_map)
+  want = jnp.einsum("bthd,bhdr->bthr", q.astype(jnp.float32), q_map, precision="highest")
+  assert got.dtype == jnp.bfloat16
+  assert rel_error(got, want) < 4e-3          # bf16 rounding of the output
+  assert rel_error(got, want.astype(jnp.bfloat16)) < 1e-3  # and mostly the same rounding

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.backward import dkv_call, dq_call
 from pallas_kernels.mosaic_gpu.forward import forward_call
-from pallas_kernels.mosaic_gpu.project import split_map
+from pallas_kernels.mosaic_gpu.project import split_map, split_product
 from pallas_kernels.mosaic_gpu.tiles import SMEM_BYTES, Tiles, pick_tiles
 
 
@@ -186,11 +186,9 @@ def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = Non
 
 
 def project_queries(q, q_map):
-  """`Q_rep = q q_map` `[B, T, H, r]` in q's dtype, as the XLA path computes it (float32
-  products of the input and the float32 map)."""
-  return jnp.einsum("bthd,bhdr->bthr", q, q_map.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32).astype(q.dtype)
+  """`Q_rep = q q_map` `[B, T, H, r]` in q's dtype as the projected forward computes it:
+  the map as two parts of q's dtype (`split_map`), float32 products, one rounding."""
+  return split_product("bthd,bhrd->bthr", q, split_map(q_map, q.dtype)).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -209,11 +207,11 @@ def _attention_projected_bwd(causal, tiles, residuals, d_out):
   # forward, whose kernel never writes it.
   q_rep = project_queries(q, q_map)
   d_q_rep, dk, dvv = backward(q_rep, k, v, out, lse, d_out, causal=causal, tiles=tiles)
-  hi = jax.lax.Precision.HIGHEST
-  dq = jnp.einsum("bthr,bhdr->bthd", d_q_rep, q_map.astype(jnp.float32), precision=hi,
-                  preferred_element_type=jnp.float32).astype(q.dtype)
-  # The map's own gradient (dead code, removed by XLA, where it is held constant).
-  d_map = jnp.einsum("bthd,bthr->bhdr", q, d_q_rep, precision=hi,
+  # dq with the map the forward used; the map's own gradient is dead code (removed by
+  # XLA) where it is held constant. Default precision: exact products (split_product).
+  dq = split_product("bthr,bhrd->bthd", d_q_rep, split_map(q_map, q.dtype)).astype(q.dtype)
+  d_map = jnp.einsum("bthd,bthr->bhdr", q.astype(jnp.float32),
+                     d_q_rep.astype(jnp.float32),
                      preferred_element_type=jnp.float32).astype(q_map.dtype)
   return dq, d_map, dk, dvv
 

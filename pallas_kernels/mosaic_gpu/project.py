@@ -54,6 +54,18 @@ def split_map(w, dtype):
   return jnp.stack([hi32.astype(dtype), (m - hi32).astype(dtype)], axis=-3)
 
 
+def split_product(spec: str, x, parts):
+  """`einsum(spec, x, hi + lo)` in float32 for `parts = split_map(...)` ([..., 2, r, d];
+  the spec names one part): what the kernels compute, as two products of half-precision
+  values. Taken in float32 at the default precision: the operands have 8- or 11-bit
+  significands, exact in a GPU's TF32 tensor cores, so this is the kernels' product up
+  to the summation order without an emulated float32 GEMM (grouping.exact_einsum)."""
+  x = x.astype(jnp.float32)
+  parts = parts.astype(jnp.float32)
+  return sum(jnp.einsum(spec, x, jnp.take(parts, i, axis=-3),
+                        preferred_element_type=jnp.float32) for i in range(2))
+
+
 def supports(x_shape, w_shape, dtype) -> str | None:
   """None if `project_rows` takes `x [B, T, H, d]` and `w [B, Hout, d, r]`, else why."""
   if len(x_shape) != 4 or len(w_shape) != 4:
@@ -171,7 +183,7 @@ def _project_reference(x, w):
 @jax.custom_vjp
 def projected(x, w):
   """`project_rows(x, w)`, differentiable: dx = dy w^T summed over each input head's
-  output heads, dw = x^T dy (float32)."""
+  output heads (w as the kernel holds it, `split_map`), dw = x^T dy (float32)."""
   return project_rows(x, w)
 
 
@@ -184,13 +196,13 @@ def _projected_bwd(residuals, dy):
   batch, t, heads, d = x.shape
   fan, r = w.shape[1] // heads, w.shape[3]
   dyg = dy.reshape(batch, t, heads, fan, r)
-  wg = w.astype(jnp.float32).reshape(batch, heads, fan, d, r)
-  hi = jax.lax.Precision.HIGHEST
-  dx = jnp.einsum("bthfr,bhfdr->bthd", dyg, wg, precision=hi,
-                  preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.einsum("bthd,bthfr->bhfdr", x, dyg, precision=hi,
-                  preferred_element_type=jnp.float32).reshape(w.shape).astype(w.dtype)
-  return dx, dw
+  parts = split_map(w, x.dtype).reshape(batch, heads, fan, 2, r, d)
+  # dx with the map the forward used (hi + lo); dw from the half-precision operands, both
+  # at the default precision (exact products, see split_product).
+  dx = split_product("bthfr,bhfrd->bthd", dyg, parts).astype(x.dtype)
+  dw = jnp.einsum("bthd,bthfr->bhfdr", x.astype(jnp.float32), dyg.astype(jnp.float32),
+                  preferred_element_type=jnp.float32)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
 projected.defvjp(_projected_fwd, _projected_bwd)
