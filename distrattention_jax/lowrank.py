@@ -56,23 +56,24 @@ DROP_RATIO = 1e-4   # singular values below this fraction of the largest are dro
 DEFAULT_STEPS = 2   # subspace iterations of method="iter" (docs/KERNEL_NOTES.md, "lowrank")
 
 
-def query_grams(query, block_q, query_valid=None, *, kv_heads=None, per_batch_row=False,
-                kernel=False):
+def query_grams(query, block_q, query_valid=None, *, kv_heads=None, per_batch_row=False):
   """`Q_b^T Q_b` per block: float32 `[B, H, nb, d, d]` (`[B, Hkv, nb, d, d]`, the query
   heads of each kv head summed, when `kv_heads` is given). Padding rows are left out.
-  `per_batch_row`, `kernel`: see `prep.head_grams` (the GPU kernel path)."""
-  gram = prep.head_grams(query, block_q, query_valid, per_batch_row=per_batch_row,
-                         kernel=kernel)
-  if kv_heads is not None:
-    batch, heads, nb, d, _ = gram.shape
-    gram = gram.reshape(batch, kv_heads, heads // kv_heads, nb, d, d).sum(2)
-  return gram
+  `per_batch_row`: see `prep.einsum_per_batch_row` (the GPU kernel path)."""
+  gram = prep.head_grams(query, block_q, query_valid, per_batch_row=per_batch_row)
+  return gram if kv_heads is None else _pool_kv_heads(gram, kv_heads)
 
 
-def key_grams(key, key_valid=None, *, per_batch_row=False, kernel=False):
+def _pool_kv_heads(gram, kv_heads):
+  """`[B, H, nb, d, d]` -> `[B, Hkv, nb, d, d]`: the query Grams of each kv head summed."""
+  batch, heads, nb, d, _ = gram.shape
+  return gram.reshape(batch, kv_heads, heads // kv_heads, nb, d, d).sum(2)
+
+
+def key_grams(key, key_valid=None, *, per_batch_row=False):
   """`K^T K` over the real keys: float32 `[B, Hkv, d, d]`."""
   return prep.head_grams(key, max(key.shape[1], 1), key_valid,
-                         per_batch_row=per_batch_row, kernel=kernel)[:, :, 0]
+                         per_batch_row=per_batch_row)[:, :, 0]
 
 
 def _psd_root(gram):
@@ -200,8 +201,7 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
       per_batch_row=rows, kernel=rows)                              # [B, H, nb, d, d]
   gk = gk[:, :, 0]                                                  # [B, Hkv, d, d]
   if per_kv_head:
-    batch, _, nb, d, _ = gq.shape                                   # [B, Hkv, nb, d, d]
-    gq = gq.reshape(batch, kv_heads, group, nb, d, d).sum(2)
+    gq = _pool_kv_heads(gq, kv_heads)                               # [B, Hkv, nb, d, d]
     a, b = factor_grams(gq, gk[:, :, None], rank, method=method, steps=steps,
                         use_kernel=use_kernel)
     q_map = jnp.repeat(a, group, axis=1)

@@ -33,11 +33,10 @@ from jax import lax
 
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import i32
+from pallas_kernels.mosaic_gpu.tiles import SM_COUNT, SMEM_BYTES
 
 HEAD_DIMS = (64, 128)  # wgmma M = d must be a multiple of 64; d=256's [d, d] float32
                        # accumulator would be 512 registers a thread
-SM_COUNT = 132         # H100 SXM; one wave of CTAs (`pick_splits`)
-SMEM_BYTES = 232448    # H100 shared memory per block (MOSAIC_NOTES.md)
 
 
 @dataclasses.dataclass(frozen=True)

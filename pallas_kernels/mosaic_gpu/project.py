@@ -29,10 +29,10 @@ from jax import lax
 
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import i32
+from pallas_kernels.mosaic_gpu.tiles import SM_COUNT
 
 TILE_ROWS = 128
 STAGES = 4
-SM_COUNT = 132
 
 
 def split_map(w, dtype):

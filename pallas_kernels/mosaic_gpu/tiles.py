@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 # Hopper: 227 KiB of shared memory per block (232448 bytes).
 SMEM_BYTES = 232448
+SM_COUNT = 132  # H100 SXM: CTAs in one wave (one per SM) for the Gram and projection grids
 # Largest Tiles.rescale_threshold (log2): P <= 2^15 stays finite in float16 (max 65504).
 MAX_RESCALE_THRESHOLD = 15.0
 
