@@ -29,6 +29,10 @@ def test_supports_names_what_is_wrong():
                                               jnp.bfloat16)
   assert "map width" in project.supports((1, 256, 2, 128), (1, 2, 128, 8), jnp.bfloat16)
   assert "float32" in project.supports((1, 256, 2, 128), (1, 2, 128, 32), jnp.float32)
+  # d=256 takes r <= 64 (two row-tile slots); r=128 leaves room for one.
+  assert project.supports((1, 256, 2, 256), (1, 2, 256, 64), jnp.bfloat16) is None
+  assert "shared memory" in project.supports((1, 256, 2, 256), (1, 2, 256, 128),
+                                             jnp.bfloat16)
   with pytest.raises(ValueError, match="project_rows: head dim"):
     project.project_rows(jnp.zeros((1, 128, 2, 32), jnp.bfloat16), jnp.zeros((1, 2, 32, 16)))
 
@@ -56,8 +60,12 @@ def test_split_map_keeps_sixteen_bits_on_the_gpu(dtype, bits):
 
 
 @pytest.mark.parametrize("x_shape,out_heads,r", [((1, 16384, 16, 128), 16, 32),
-                                                 ((2, 1024, 2, 64), 8, 16)])
+                                                 ((2, 1024, 2, 64), 8, 16),
+                                                 ((1, 16384, 16, 256), 16, 64),
+                                                 ((1, 1024, 2, 256), 2, 32)])
 def test_lowers_for_cuda_on_cpu(x_shape, out_heads, r):
+  """Lowered for an H100 on a CPU; Mosaic checks shared memory here (d=256 with four
+  row-tile slots asked for 360520 bytes, which only failed on the GPU before)."""
   args = (jax.ShapeDtypeStruct(x_shape, jnp.bfloat16),
           jax.ShapeDtypeStruct((x_shape[0], out_heads, x_shape[3], r), jnp.float32))
   loss = lambda x, w: jnp.sum(project.projected(x, w).astype(jnp.float32))  # noqa: E731
@@ -82,6 +90,7 @@ def test_gradients_match_the_xla_projection_off_the_gpu():
     ((1, 16384, 16, 128), 16, 32, jnp.bfloat16),
     ((3, 1024, 2, 128), 8, 32, jnp.float16),    # GQA fan-out: 4 output heads per input
     ((2, 384, 4, 64), 4, 16, jnp.bfloat16),     # 3 row tiles
+    ((1, 2048, 4, 256), 4, 64, jnp.bfloat16),   # d=256: two row-tile slots
 ])
 def test_kernel_matches_xla(x_shape, out_heads, r, dtype):
   x, w = _inputs(3, x_shape, out_heads, r, dtype)

@@ -29,10 +29,18 @@ from jax import lax
 
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import i32
-from pallas_kernels.mosaic_gpu.tiles import SM_COUNT
+from pallas_kernels.mosaic_gpu.tiles import SM_COUNT, SMEM_BYTES
 
 TILE_ROWS = 128
 STAGES = 4
+SMEM_SLACK = 1024  # barriers and alignment
+
+
+def _max_stages(d: int, r: int, itemsize: int) -> int:
+  """Row-tile slots (up to STAGES) that fit in shared memory beside the map's two parts
+  and the two output staging buffers (d=256, r=64: 2; four asked for 360520 bytes)."""
+  fixed = 2 * r * d * itemsize + 2 * TILE_ROWS * r * itemsize + SMEM_SLACK
+  return max(0, min(STAGES, (SMEM_BYTES - fixed) // (TILE_ROWS * d * itemsize)))
 
 
 def split_map(w, dtype):
@@ -82,6 +90,8 @@ def supports(x_shape, w_shape, dtype) -> str | None:
     return f"map width r={r} (a multiple of 16 in [16, 128])"
   if t == 0 or t % TILE_ROWS:
     return f"T={t} rows, not a positive multiple of {TILE_ROWS}"
+  if _max_stages(d, r, jnp.dtype(dtype).itemsize) < 2:
+    return f"shared memory: d={d} with r={r} leaves room for fewer than 2 row tiles"
   return None
 
 
@@ -108,7 +118,7 @@ def project_rows(x, w):
   dtype = x.dtype
   num_tiles = t // TILE_ROWS
   per_cta = _tiles_per_cta(batch * out_heads, num_tiles)
-  stages = min(STAGES, per_cta)
+  stages = min(_max_stages(d, r, jnp.dtype(dtype).itemsize), per_cta)
 
   def kernel(x_ref, w_ref, out_ref, x_smems, w_smem, out_smems, loaded, free, w_loaded):
     ho, ci, bi = (lax.axis_index(n) for n in ("heads", "chunks", "batch"))
