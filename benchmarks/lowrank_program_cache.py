@@ -1,22 +1,37 @@
-"""The lowrank factorisation program's GPU time alone and after an L2 flush (GPU only).
+"""The lowrank factorisation program's GPU time alone and after an L2 flush, and its code
+size (GPU only).
 
 Inside an end-to-end call the program ran ~40% slower than back to back on its own
 (H100, 2026-12-06: 0.104 vs 0.073 ms for 16 programs at d=128, r=32). This times each
 variant twice from the device's own kernel timestamps (`kernel_profile`): 20 calls back
 to back, then 20 calls each followed by a 256 MiB array op, which evicts the 50 MB L2 as
-the attention kernel does in a real call. Besides the shipped program it times
-experimental bodies of `lowrank_factor.factor_pair` defined here (the two inner half
-steps in one 2-trip loop, the Gram chosen by `cond` or by 0/1 weights), to see whether
-less code (one copy of the orthonormalisation instead of two) pays for its loop. Results
-and their reading: docs/KERNEL_NOTES.md, "Sixth session".
+the attention kernel does in a real call. It also reports each program's machine code
+size (the `.text` section of the cubin that `ptxas` makes from XLA's PTX dump) and its
+registers and spills, to test whether the penalty is the code fetched again.
 
-    python -m benchmarks.lowrank_program_cache [--tag=-runN]      (GPU)
+The variants are keyword arguments of `lowrank_factor.factor_grams_kernel` (plans,
+`rolled` loops, the balance's precision), plus two experimental bodies of
+`lowrank_factor.factor_pair` defined here (the two inner half steps in one 2-trip loop,
+the Gram chosen by `cond` or by 0/1 weights). Phase 1 compiles every variant in its own
+process, in parallel, into JAX's persistent compilation cache (and dumps its PTX);
+phase 2 times them in one process. Results and their reading: docs/KERNEL_NOTES.md,
+"Sixth session" and "Eighth session".
+
+    python -m benchmarks.lowrank_program_cache [--only a,b] [--tag=-runN]      (GPU)
 """
 
 import argparse
 import functools
+import glob
 import json
 import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +46,7 @@ ORIG = lf.factor_pair
 
 
 def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=lf.HIGHEST,
-         small_precision=lf.HIGHEST, blend=False):
+         small_precision=lf.HIGHEST, blend=False, **_):
   """plan (0, 4, 4, 7) with the two inner half steps in one static 2-trip loop."""
   unit_q, unit_k, scales = lf.unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
   orth = functools.partial(lf.metric_orth, precision=precision, small_precision=small_precision)
@@ -50,46 +65,214 @@ def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=l
   return lf.balanced_maps(z, gz, unit_q, scales)
 
 
+# name: (factor_grams_kernel keyword arguments, factor_pair body); d=128, r=32, 8 warps,
+# TF32x3 d-deep products and IEEE r x r ones unless the arguments say otherwise
+# (`subspace_precision="tf32"`: the Gram products that only move the subspace in one
+# TF32 pass, measured in the eighth session and not adopted).
+OLD = {"subspace_precision": "tf32x3"}
+CASES = {
+    "default": ({}, ORIG),                                    # the shipped program
+    "subspace_tf32": ({"subspace_precision": "tf32"}, ORIG),
+    "old_plan": ({**OLD, "plan": lkv.OLD_DEFAULT}, ORIG),
+    "one_step": ({**OLD, "steps": 1}, ORIG),
+    "semi_cond": (OLD, semi),
+    "semi_blend": (OLD, functools.partial(semi, blend=True)),
+    "smalltf32x3": ({**OLD, "small_precision": "tf32x3"}, ORIG),
+    "p0337": ({**OLD, "plan": (0, 3, 3, 7)}, ORIG),
+    # eighth session: the parts of the chain (Gram products, orthonormalisations,
+    # polynomials) by difference, and cheaper plans
+    "p01": ({**OLD, "plan": (0, 1)}, ORIG),
+    "p0001": ({**OLD, "plan": (0, 0, 0, 1)}, ORIG),
+    "p0111": ({**OLD, "plan": (0, 1, 1, 1)}, ORIG),
+    "p0336": ({**OLD, "plan": (0, 3, 3, 6)}, ORIG),
+    "p0336_subspace_tf32": ({"plan": (0, 3, 3, 6), "subspace_precision": "tf32"}, ORIG),
+}
+DEFAULT_ONLY = "default,subspace_tf32"
+D, RANK = 128, 32
+
+
+def _fn(name):
+  kwargs, impl = CASES[name]
+  lf.factor_pair = impl
+  kwargs = {"rank": RANK, "num_warps": 8, "precision": "tf32x3", "small_precision": "ieee",
+            **kwargs}
+  # A new function per case: factor_grams_kernel's trace cache ignores the patched body.
+  return jax.jit(lambda gq, gk: lf.factor_grams_kernel.__wrapped__(gq, gk, **kwargs))
+
+
+def _inputs():
+  q, k = lkv._data(D)
+  gq, gk = lkv._grams(q, k)
+  return q, k, gq, gk
+
+
+def _section_sizes(path):
+  """{section name: size} of an ELF64 file (the cubin), read with struct only."""
+  data = open(path, "rb").read()
+  shoff, = struct.unpack_from("<Q", data, 0x28)
+  shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+  headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+             for i in range(shnum)]
+  names_off = headers[shstrndx][4]
+  def name(h):
+    end = data.index(b"\0", names_off + h[0])
+    return data[names_off + h[0]:end].decode()
+  return {name(h): h[5] for h in headers}
+
+
+def code_size(dump_dir):
+  """The program's machine code bytes, registers and spills, from XLA's PTX dump."""
+  ptxas = shutil.which("ptxas") or next(iter(glob.glob(os.path.join(
+      os.path.dirname(os.path.dirname(np.__file__)), "nvidia", "cuda_nvcc", "bin",
+      "ptxas"))), None)
+  files = [p for p in glob.glob(os.path.join(dump_dir, "**", "*"), recursive=True)
+           if os.path.isfile(p)]
+  ptx = [p for p in files if ".entry distr_lowrank_factor" in (
+      text := open(p, errors="ignore").read()) and ".version" in text]
+  if not ptx:
+    return {"code_error": "no PTX with the program in the dump: " + " ".join(
+        sorted({os.path.splitext(p)[1] for p in files}))}
+  if not ptx or not ptxas:
+    return {"code_error": f"ptx files {len(ptx)}, ptxas {ptxas}"}
+  text = open(ptx[0]).read()
+  cubin = ptx[0] + ".cubin"
+  proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx[0], "-o", cubin],
+                        capture_output=True, text=True, timeout=300)
+  info = {"ptx_lines": text.count("\n")}
+  m = re.search(r"Function properties for distr_lowrank_factor(.*?)Used (\d+) registers",
+                proc.stderr, re.S)
+  if m:
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", m.group(1))
+    info.update(registers=int(m.group(2)),
+                spill_stores=int(spills.group(1)) if spills else None)
+  if proc.returncode == 0:
+    info["code_bytes"] = {k: v for k, v in _section_sizes(cubin).items()
+                          if k.startswith(".text")}
+  else:
+    info["code_error"] = proc.stderr[-300:]
+  return info
+
+
+def child(name):
+  """Compile one case (persistent cache) and measure its code: one JSON line."""
+  dump = tempfile.mkdtemp(prefix=f"dump-{name}-")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}")
+  _, _, gq, gk = _inputs()
+  t0 = time.perf_counter()
+  _fn(name).lower(gq, gk).compile()
+  out = {"compile_s": time.perf_counter() - t0}
+  try:
+    out.update(code_size(dump))
+  except Exception as e:  # noqa: BLE001
+    out["code_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  print(json.dumps(out))
+
+
+def in_call(names, calls=10):
+  """{case: GPU ms} of the program, and of the whole call, inside the end-to-end lowrank
+  forward (B=1, H=16, N=16384, d=128, G=4, bf16, mosaic backend), and cuDNN's forward."""
+  import distrattention_jax as dj  # pylint: disable=import-outside-toplevel
+  orig = lf.factor_grams_kernel
+  sets = timing.make_inputs(1, 16384, 16384, 16, D, jnp.bfloat16, 2)
+  rows = {}
+  cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
+  jax.block_until_ready(cudnn(*sets[0]))
+  totals, _ = kernel_profile.device_kernel_times(cudnn, sets[0], calls)
+  rows["cudnn"] = {"busy_ms": sum(totals.values()) / calls / 1e6}
+  print("cudnn", rows["cudnn"], flush=True)
+  for n in names:
+    kwargs, impl = CASES[n]
+    lf.factor_pair = impl
+    lf.factor_grams_kernel = lambda gq, gk, kwargs=kwargs, **kw: orig.__wrapped__(
+        gq, gk, **{**kw, "num_warps": 8, "precision": "tf32x3", "small_precision": "ieee",
+                   **kwargs})
+    try:
+      fn = jax.jit(functools.partial(dj.distr_attention, group_size=D // RANK, block_q=None,
+                                     grouping="lowrank", implementation="mosaic"))
+      jax.block_until_ready(fn(*sets[0]))
+      totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
+      rows[n] = {"program_ms": totals["distr_lowrank_factor"] / calls / 1e6,
+                 "busy_ms": sum(totals.values()) / calls / 1e6,
+                 "attention_ms": totals["entry_mosaic_gpu_kernel"] / calls / 1e6}
+      rows[n]["prepass_ms"] = rows[n]["busy_ms"] - rows[n]["attention_ms"]
+      rows[n]["prepass_of_cudnn"] = rows[n]["prepass_ms"] / rows["cudnn"]["busy_ms"]
+    except Exception as e:  # noqa: BLE001
+      rows[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+      lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
+    print("in call", n, {k: round(v, 5) if isinstance(v, float) else v
+                         for k, v in rows[n].items()}, flush=True)
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
+  p.add_argument("--only", default=DEFAULT_ONLY, help="comma list of CASES names")
+  p.add_argument("--in-call", default="",
+                 help="comma list of CASES names also timed inside an end-to-end call")
+  p.add_argument("--compile-timeout", type=float, default=240)
+  p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--tag", default="")
   p.add_argument("--out-dir", default="benchmarks/results")
   args = p.parse_args(argv)
-  out = {}
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                os.path.join(tempfile.gettempdir(), "distr-jax-cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  if args.child:
+    return child(args.child)
+  names = [n for n in args.only.split(",") if n]
+  unknown = [n for n in names if n not in CASES]
+  if unknown:
+    raise ValueError(f"unknown cases {unknown}; known: {sorted(CASES)}")
+  env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  procs = {n: subprocess.Popen([sys.executable, "-m", "benchmarks.lowrank_program_cache",
+                                "--child", n], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, text=True) for n in names}
+  rows, t0 = {}, time.perf_counter()
+  for n, proc in procs.items():
+    try:
+      out, err = proc.communicate(
+          timeout=max(1.0, args.compile_timeout - (time.perf_counter() - t0)))
+      rows[n] = (json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else
+                 {"compile_s": None, "error": err.strip().splitlines()[-1][:300]
+                  if err.strip() else f"rc {proc.returncode}"})
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      rows[n] = {"compile_s": None, "error": f"compile > {args.compile_timeout:.0f} s"}
+    print(n, rows[n], flush=True)
   big = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB: flushes the 50 MB L2
-  shipped = (128, 32, 8, "tf32x3", "ieee", 2, 128)
-  cases = [("unrolled", shipped, ORIG),
-           ("old_plan", shipped + (lkv.OLD_DEFAULT,), ORIG),
-           ("one_step", (128, 32, 8, "tf32x3", "ieee", 1, 128), ORIG),
-           ("semi_cond", shipped, semi),
-           ("semi_blend", shipped, functools.partial(semi, blend=True)),
-           ("unrolled_smalltf32x3", (128, 32, 8, "tf32x3", "tf32x3", 2, 128), ORIG),
-           ("unrolled_p0337", shipped + ((0, 3, 3, 7),), ORIG)]
-  for name, v, impl in cases:
-    lf.factor_pair = impl
-    jax.clear_caches()  # factor_grams_kernel's trace cache ignores the patched body
-    q, k = lkv._data(v[0])
-    gq, gk = lkv._grams(q, k)
-    fn = jax.jit(lambda gq, gk, v=v: lf.factor_grams_kernel(
-        gq, gk, rank=v[1], num_warps=v[2], precision=v[3], small_precision=v[4],
-        plan=v[7] if len(v) > 7 else None))
+  q, k, gq, gk = _inputs()
+  for n in names:
+    if rows[n].get("compile_s") is None:
+      continue
+    fn = _fn(n)
     a, b = jax.block_until_ready(fn(gq, gk))
-    rel, best = lkv._rel_errors(q, k, np.asarray(a, np.float64), np.asarray(b, np.float64), v[1])
+    rel, best = lkv._rel_errors(q, k, np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                RANK)
     flush = jax.jit(lambda x: x * 1.0001)
     both = lambda gq, gk, x, fn=fn: (fn(gq, gk), flush(x))  # noqa: E731
     jax.block_until_ready(both(gq, gk, big))
     t_alone, _ = kernel_profile.device_kernel_times(fn, (gq, gk), 20)
     t_both, _ = kernel_profile.device_kernel_times(both, (gq, gk, big), 20)
-    out[name] = {"variant": lkv._name(v), "rel_error": rel, "optimum": best,
-                 "alone_ms": t_alone["distr_lowrank_factor"] / 20 / 1e6,
-                 "after_flush_ms": t_both["distr_lowrank_factor"] / 20 / 1e6}
-    print(name, out[name], flush=True)
+    rows[n].update({"kwargs": {k2: list(v) if isinstance(v, tuple) else v
+                               for k2, v in CASES[n][0].items()},
+                    "rel_error": rel, "optimum": best,
+                    "alone_ms": t_alone["distr_lowrank_factor"] / 20 / 1e6,
+                    "after_flush_ms": t_both["distr_lowrank_factor"] / 20 / 1e6})
+    print(n, {k2: round(v, 5) if isinstance(v, float) else v for k2, v in rows[n].items()},
+          flush=True)
+  lf.factor_pair = ORIG
   info = timing.device_info()
   path = os.path.join(args.out_dir, "lowrank-program-cache-{}-{}{}.json".format(
       info["device"].replace(" ", "_"), info["date"][:10], args.tag))
-  timing.write_json(path, {"info": info, "programs": 16, "rows": out})
+  result = {"info": info, "programs": 16, "d": D, "rank": RANK, "rows": rows}
+  timing.write_json(path, result)
+  if args.in_call:
+    result["in_call"] = in_call([n for n in args.in_call.split(",") if n])
+    timing.write_json(path, result)
   print("wrote", path)
-  lf.factor_pair = ORIG
 
 
 if __name__ == "__main__":

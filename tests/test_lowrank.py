@@ -588,6 +588,50 @@ def test_gpu_kernel_maps_reach_the_optimum():
   assert np.all(got <= 1.05 * best + 1e-3), (got, best)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("alpha", [None, 1.0, 2.0])
+def test_gpu_program_fits_steep_spectra_and_ignores_the_grams_last_bits(alpha):
+  """The compiled program at d=128, r=32 on structured data and on steep spectra
+  (singular values i^-alpha, where rounding in its products shows: one TF32 pass in the
+  subspace's Gram products fitted one alpha=2 head 7.3e-3 against 1.4e-3), and its maps
+  do not depend on the Grams' last bits (the Gram kernel adds its row splits in no fixed
+  order): a relative 1e-7 change moves the fitted scores by less than 3e-3 of their norm
+  on data whose spectrum is flat beyond a few directions (TF32 inner
+  orthonormalisations moved them by ~1.5e-2; docs/KERNEL_NOTES.md, eighth session)."""
+  rng = np.random.default_rng(37)
+  d, rank, n, heads = 128, 32, 512, 4
+  if alpha is None:
+    q, k = (np.moveaxis(np.asarray(x, np.float64)[0], 1, 0)        # [H, n, d]
+            for x in _structured(rng, 1, n, heads, d))
+  else:
+    sv = np.arange(1, d + 1) ** -alpha
+    def one():
+      return (rng.standard_normal((n, d)) * sv) @ np.linalg.qr(rng.standard_normal((d, d)))[0]
+    q = np.stack([one() for _ in range(heads)])
+    k = np.stack([one() + 3.0 * rng.standard_normal(d) for _ in range(heads)])
+  gq64, gk64 = np.einsum("hnd,hne->hde", q, q), np.einsum("hnd,hne->hde", k, k)
+  scores = [q[h] @ k[h].T for h in range(heads)]
+  norms = np.array([np.linalg.norm(s) for s in scores])
+
+  def fitted(gq, gk):
+    a, b = lowrank_factor.factor_grams_kernel(
+        jnp.asarray(gq, jnp.float32), jnp.asarray(gk, jnp.float32), rank=rank)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    return [(q[h] @ a[h]) @ (k[h] @ b[h]).T for h in range(heads)]
+
+  fit = fitted(gq64, gk64)
+  errors = np.array([np.linalg.norm(f - s) for f, s in zip(fit, scores)]) / norms
+  best = np.array([np.sqrt(np.sum(np.linalg.svd(s, compute_uv=False)[rank:] ** 2))
+                   for s in scores]) / norms
+  assert np.all(errors <= 1.1 * best + 5e-3), (errors, best)
+  wiggle = 1 + 1e-7 * np.random.default_rng(1).standard_normal(gq64.shape)
+  moved = np.array([np.linalg.norm(f - g) for f, g in zip(
+      fit, fitted(gq64 * wiggle, gk64 * wiggle))]) / norms
+  assert np.all(moved < 3e-3), moved
+
+
 @pytest.mark.parametrize("d,rank", [(256, 64), (256, 32), (128, 64)])
 def test_wide_heads_and_high_ranks_run_the_iteration_as_xla_ops(monkeypatch, d, rank):
   """Heads wider than KERNEL_MAX_HEAD_DIM (128) or ranks above KERNEL_MAX_RANK (32) run

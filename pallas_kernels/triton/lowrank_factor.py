@@ -88,6 +88,11 @@ POLYNOMIALS = (
 # singular value spread, and the final one's ridge drops what exceeds ~1e3.
 INNER_POLYS = 4     # per inner orthonormalisation: conditioning only
 FINAL_POLYS = 7     # the last one, whose columns must be orthonormal
+# The kernel's Gram products that only move the subspace (every one but the last, and the
+# balance's). One TF32 pass ("tf32") instead of three took the program from 0.1018 to
+# 0.0972 ms inside a call, but one head of a steep i^-2 spectrum fitted 7.3e-3 against
+# 1.4e-3 (H100, 2026-12-06; docs/KERNEL_NOTES.md, eighth session): not the default.
+SUBSPACE_PRECISION = "tf32x3"
 
 
 def plan_for_steps(steps: int) -> tuple[int, ...]:
@@ -182,7 +187,7 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
 
 
 def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
-                precision=HIGHEST, small_precision=HIGHEST):
+                precision=HIGHEST, small_precision=HIGHEST, fast_muls=None):
   """`(A, B)` for one block, from `Gq @ x` and `Gk @ x` (callables) and a start.
 
   All `[d, r]` matrices are tuples of row chunks (one chunk: plain matrices); `x0` is the
@@ -205,24 +210,36 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
     activations (trace ~1e8 and more: long sequences, keys with a large mean). The best
     maps are scale-equivariant: fitted to `Q / sqrt(sq)` and `K / sqrt(sk)`, `A B^T` is
     unchanged and only the balance `|Q A| = |K B|` needs the factor `(sk / sq)^(1/4)`.
+  fast_muls: optional `(Gq @ x, Gk @ x)` callables (a cheaper product) for every Gram
+    product but the last one, and for the balance's scale (None: gq_mul, gk_mul). Those
+    products only move the subspace, each iterate replaced by the next; the last one and
+    the final orthonormalisation make the maps. A variant to measure (the kernel's
+    `subspace_precision`); the inner orthonormalisations always keep `precision`: their
+    `r x r` metric Gram sets how far weak directions are scaled up, and rounding it to
+    TF32 made the maps depend on the Grams' last bits (docs/KERNEL_NOTES.md, eighth
+    session).
   """
   plan = plan_for_steps(2) if plan is None else tuple(plan)
   if not plan or plan[-1] < 1 or any(not 0 <= k <= len(POLYNOMIALS) for k in plan):
     raise ValueError(f"plan must end with a final orthonormalisation and count 0..."
                      f"{len(POLYNOMIALS)} polynomials per half step, got {plan}")
   unit_q, unit_k, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
+  fast_q, fast_k, _ = (unit_q, unit_k, None) if fast_muls is None else unit_trace_muls(
+      *fast_muls, trace_q, trace_k)
   orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
   x = x0
   for i, polys in enumerate(plan):
     key_coeffs = (len(plan) - 1 - i) % 2 == 0
-    gx = (unit_k if key_coeffs else unit_q)(x)   # the metric product, and the next x
-    if i == len(plan) - 1:
+    last = i == len(plan) - 1
+    mul_q, mul_k = (unit_q, unit_k) if last else (fast_q, fast_k)
+    gx = (mul_k if key_coeffs else mul_q)(x)     # the metric product, and the next x
+    if last:
       z, gz = orth(x, gx, iters=polys)           # Z^T Gk Z = I
       break
     if polys:
       _, gx = orth(x, gx, iters=polys, keep_w=False)
     x = gx
-  return balanced_maps(z, gz, unit_q, scales)
+  return balanced_maps(z, gz, fast_q, scales)
 
 
 def unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k):
@@ -255,14 +272,14 @@ def start_subspace(d: int, r: int) -> np.ndarray:
 
 
 def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
-            small_precision):
+            small_precision, subspace_precision):
   # The Grams are read block by block at every product (from L2) rather than held: two
   # d x d float32 values live through the whole program spilled at d=128 (H100,
   # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
   # at d=256 one Gram alone is more than the shared memory.
   n = z0_ref.shape[0] // chunk
 
-  def gram_mul(g_ref):
+  def gram_mul(g_ref, precision=precision):
     def mul(x):
       return tuple(sum(_dot(g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)], x[j],
                             precision) for j in range(n)) for i in range(n))
@@ -276,7 +293,10 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
   z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
   a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, plan=plan,
                      trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
-                     small_precision=small_precision)
+                     small_precision=small_precision,
+                     fast_muls=(None if subspace_precision == precision else
+                                (gram_mul(gq_ref, subspace_precision),
+                                 gram_mul(gk_ref, subspace_precision))))
   for i in range(n):
     a_ref[pl.ds(i * chunk, chunk), :] = a[i]
     b_ref[pl.ds(i * chunk, chunk), :] = b[i]
@@ -287,11 +307,11 @@ MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "plan", "kv_group",
                                              "num_warps", "precision", "small_precision",
-                                             "block_d", "interpret"))
+                                             "block_d", "interpret", "subspace_precision"))
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_group: int = 1,
                         num_warps: int = 8, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
-                        interpret: bool = False):
+                        interpret: bool = False, subspace_precision: str | None = None):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
 
   The Grams are taken as they are (any positive scale: the program normalises them to
@@ -315,12 +335,20 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
       min(d, 128)); a divisor of d.
     steps: subspace iterations (`plan_for_steps`); plan: an explicit plan instead (a
       tuple, see `factor_pair`; variants for the benchmark).
+    subspace_precision: the Gram products that only move the subspace (`factor_pair`'s
+      `fast_muls`: every one but the last, and the balance's); None: `SUBSPACE_PRECISION`
+      on a GPU, `precision` when interpreted.
   """
   if precision is None:
     precision = "ieee" if interpret else "tf32x3"
   if interpret:
     small_precision = "ieee"
-  for name, value in (("precision", precision), ("small_precision", small_precision)):
+  if interpret:
+    subspace_precision = precision
+  elif subspace_precision is None:
+    subspace_precision = SUBSPACE_PRECISION
+  for name, value in (("precision", precision), ("small_precision", small_precision),
+                      ("subspace_precision", subspace_precision)):
     if value not in PRECISIONS:
       raise ValueError(f"{name} must be one of {tuple(PRECISIONS)}, got {value!r}")
   m, d, _ = gq.shape
@@ -338,7 +366,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
   a, b = pl.pallas_call(
       functools.partial(_kernel, plan=plan_for_steps(steps) if plan is None else tuple(plan),
                         chunk=block_d, precision=PRECISIONS[precision],
-                        small_precision=PRECISIONS[small_precision]),
+                        small_precision=PRECISIONS[small_precision],
+                        subspace_precision=PRECISIONS[subspace_precision]),
       grid=(m,),
       in_specs=[pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
                 pl.BlockSpec((None, d, d), lambda i: (i // kv_group, 0, 0)),
