@@ -9,11 +9,11 @@ docs/KERNEL_NOTES.md, "Preparation kernels".)
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
+from distrattention_jax import devices
 from distrattention_jax import lsh
 
 # Batch rows up to which a per-row einsum is unrolled (`einsum_per_batch_row`).
@@ -73,7 +73,7 @@ def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False
   takes share one launch (`grams.gram_blocks_multi`)."""
   items = [(_gram_input(x), block_q, valid) for x, block_q, valid in items]
   out = [None] * len(items)
-  if kernel and _hopper():
+  if kernel and devices.is_hopper():
     from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
     plans = {i: _kernel_rows(x, block_q, mosaic_grams) for i, (x, block_q, _) in
              enumerate(items)}
@@ -96,19 +96,6 @@ def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False
                                     precision=jax.lax.Precision.HIGHEST,
                                     preferred_element_type=jnp.float32)
   return out
-
-
-@functools.cache
-def _hopper() -> bool:
-  """Whether the default device is a Hopper GPU (compute capability 9.x): the Mosaic Gram
-  kernel uses wgmma, which other GPUs (Ampere, Blackwell) do not have."""
-  if jax.default_backend() != "gpu":
-    return False
-  try:
-    capability = str(jax.devices()[0].compute_capability)
-  except (AttributeError, RuntimeError):
-    return False
-  return capability.split(".")[0] == "9"
 
 
 def _gram_input(x):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import distrattention_jax as dj
-from distrattention_jax import config, grouping
+from distrattention_jax import config, devices, grouping
 from distrattention_jax import backends
 from distrattention_jax.backends import base
 from distrattention_jax.backends import mosaic as mosaic_backend
@@ -59,7 +59,7 @@ def test_none_picks_mosaic_only_where_it_was_faster(group_size, block_q, kv_len,
   # a real GPU).
   problem = dataclasses.replace(_problem(group_size=group_size, block_q=block_q),
                                 platform="gpu", q_len=kv_len, kv_len=kv_len)
-  with mock.patch.object(mosaic_backend, "_is_hopper_or_newer", return_value=True):
+  with mock.patch.object(devices, "is_hopper", return_value=True):
     assert mosaic_backend.MosaicBackend().supports(problem) is None
     assert (backends.select(None, problem).name == "mosaic") == picked
     assert backends.select("mosaic", problem).name == "mosaic"

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distrattention_jax import prep
+from distrattention_jax import devices, prep
 from pallas_kernels.mosaic_gpu import grams
 from conftest import lower_for_h100, requires_gpu
 
@@ -153,8 +153,8 @@ def test_head_grams_multi_kernel_path_matches_einsum():
 def test_kernel_path_only_on_hopper(monkeypatch):
   """Other GPUs (no wgmma) and CPUs take the einsum with kernel=True."""
   if jax.default_backend() != "gpu":
-    assert not prep._hopper()
-  monkeypatch.setattr(prep, "_hopper", lambda: False)
+    assert not devices.is_hopper()
+  monkeypatch.setattr(devices, "is_hopper", lambda: False)
   x = _x(7, (1, 256, 2, 64), jnp.bfloat16)
   (got,) = prep.head_grams_multi([(x, 256, None)], kernel=True)
   np.testing.assert_allclose(got, _einsum_grams(x, 256), rtol=1e-5, atol=1e-3)

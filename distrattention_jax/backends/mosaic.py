@@ -12,25 +12,15 @@ G=1 (exact) 0.99x forward, 0.90-0.92x forward+backward.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
+from distrattention_jax import devices
 from distrattention_jax.backends import base
 
 PREFERRED_MIN_KV_LEN = 16384  # None picks mosaic from here (measured, see preferred_for)
 MIN_BLOCK = 128  # grouping blocks: a multiple of the kernels' 128-row query tile
-
-
-@functools.cache
-def _is_hopper_or_newer() -> bool:
-  try:
-    capability = jax.devices()[0].compute_capability
-  except (AttributeError, RuntimeError):
-    return False
-  major = int(str(capability).split(".")[0])
-  return major >= 9
 
 
 def _supports(problem: base.Problem) -> str | None:
@@ -52,8 +42,8 @@ def _supports(problem: base.Problem) -> str | None:
     return f"value head_dim {value_dim} (the Mosaic kernels need 64, 128, 192 or 256)"
   if width + value_dim > 384:
     return f"score width {width} with value width {value_dim} (shared memory)"
-  if problem.platform == "gpu" and not _is_hopper_or_newer():
-    return "this GPU (the Mosaic kernels need Hopper, compute capability 9.0)"
+  if problem.platform == "gpu" and not devices.is_hopper():
+    return "this GPU (the Mosaic kernels need Hopper, compute capability 9.x: wgmma)"
   return None
 
 
