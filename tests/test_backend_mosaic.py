@@ -94,6 +94,7 @@ def test_lowers_for_cuda_on_cpu(group_size, block_q, causal):
     (640, 128, 4, True, True),     # Q_rep in the forward kernel, K_fused by the kernel
     (600, 128, 4, True, False),    # 600 keys: not whole 128-row tiles, XLA's K_fused
     (640, 128, 2, False, True),    # r=64 stores O from registers: XLA's Q_rep
+    (65536, 256, 4, False, True),  # d=256, many row tiles a CTA: K_fused in two slots
 ])
 def test_one_block_routes_projections_to_the_kernels(q_len, d, group_size, projected,
                                                      k_kernel):
