@@ -1,20 +1,19 @@
-"""The lowrank factorisation program's GPU time alone and after an L2 flush, and its code
-size (GPU only).
+"""The lowrank factorisation program's GPU time alone, after an L2 flush and inside a call
+(GPU only).
 
 Inside an end-to-end call the program ran ~40% slower than back to back on its own
 (H100, 2026-12-06: 0.104 vs 0.073 ms for 16 programs at d=128, r=32). This times each
 variant twice from the device's own kernel timestamps (`kernel_profile`): 20 calls back
 to back, then 20 calls each followed by a 256 MiB array op, which evicts the 50 MB L2 as
-the attention kernel does in a real call. It also reports each program's machine code
-size (the `.text` section of the cubin that `ptxas` makes from XLA's PTX dump) and its
-registers and spills, to test whether the penalty is the code fetched again.
+the attention kernel does in a real call; `--in-call` also times chosen variants inside
+the end-to-end lowrank forward.
 
 The variants are keyword arguments of `lowrank_factor.factor_grams_kernel` (plans,
-`rolled` loops, the balance's precision), plus two experimental bodies of
+`subspace_precision`), plus two experimental bodies of
 `lowrank_factor.factor_pair` defined here (the two inner half steps in one 2-trip loop,
 the Gram chosen by `cond` or by 0/1 weights). Phase 1 compiles every variant in its own
-process, in parallel, into JAX's persistent compilation cache (and dumps its PTX);
-phase 2 times them in one process. Results and their reading: docs/KERNEL_NOTES.md,
+process, in parallel, into JAX's persistent compilation cache; phase 2 times them in
+one process. Results and their reading: docs/KERNEL_NOTES.md,
 "Sixth session" and "Eighth session".
 
     python -m benchmarks.lowrank_program_cache [--only a,b] [--tag=-runN]      (GPU)
@@ -22,12 +21,8 @@ phase 2 times them in one process. Results and their reading: docs/KERNEL_NOTES.
 
 import argparse
 import functools
-import glob
 import json
 import os
-import re
-import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -106,66 +101,12 @@ def _inputs():
   return q, k, gq, gk
 
 
-def _section_sizes(path):
-  """{section name: size} of an ELF64 file (the cubin), read with struct only."""
-  data = open(path, "rb").read()
-  shoff, = struct.unpack_from("<Q", data, 0x28)
-  shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-  headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-             for i in range(shnum)]
-  names_off = headers[shstrndx][4]
-  def name(h):
-    end = data.index(b"\0", names_off + h[0])
-    return data[names_off + h[0]:end].decode()
-  return {name(h): h[5] for h in headers}
-
-
-def code_size(dump_dir):
-  """The program's machine code bytes, registers and spills, from XLA's PTX dump."""
-  ptxas = shutil.which("ptxas") or next(iter(glob.glob(os.path.join(
-      os.path.dirname(os.path.dirname(np.__file__)), "nvidia", "cuda_nvcc", "bin",
-      "ptxas"))), None)
-  files = [p for p in glob.glob(os.path.join(dump_dir, "**", "*"), recursive=True)
-           if os.path.isfile(p)]
-  ptx = [p for p in files if ".entry distr_lowrank_factor" in (
-      text := open(p, errors="ignore").read()) and ".version" in text]
-  if not ptx:
-    return {"code_error": "no PTX with the program in the dump: " + " ".join(
-        sorted({os.path.splitext(p)[1] for p in files}))}
-  if not ptx or not ptxas:
-    return {"code_error": f"ptx files {len(ptx)}, ptxas {ptxas}"}
-  text = open(ptx[0]).read()
-  cubin = ptx[0] + ".cubin"
-  proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx[0], "-o", cubin],
-                        capture_output=True, text=True, timeout=300)
-  info = {"ptx_lines": text.count("\n")}
-  m = re.search(r"Function properties for distr_lowrank_factor(.*?)Used (\d+) registers",
-                proc.stderr, re.S)
-  if m:
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", m.group(1))
-    info.update(registers=int(m.group(2)),
-                spill_stores=int(spills.group(1)) if spills else None)
-  if proc.returncode == 0:
-    info["code_bytes"] = {k: v for k, v in _section_sizes(cubin).items()
-                          if k.startswith(".text")}
-  else:
-    info["code_error"] = proc.stderr[-300:]
-  return info
-
-
 def child(name):
-  """Compile one case (persistent cache) and measure its code: one JSON line."""
-  dump = tempfile.mkdtemp(prefix=f"dump-{name}-")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}")
+  """Compile one case into the persistent cache: one JSON line."""
   _, _, gq, gk = _inputs()
   t0 = time.perf_counter()
   _fn(name).lower(gq, gk).compile()
-  out = {"compile_s": time.perf_counter() - t0}
-  try:
-    out.update(code_size(dump))
-  except Exception as e:  # noqa: BLE001
-    out["code_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-  print(json.dumps(out))
+  print(json.dumps({"compile_s": time.perf_counter() - t0}))
 
 
 def in_call(names, calls=10):

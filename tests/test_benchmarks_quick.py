@@ -95,3 +95,23 @@ def test_kernel_profile_quick(tmp_path):
   assert set(rows) == {"cudnn", "lowrank"}
   for row in rows.values():
     assert row["wall_ms"] > 0 and row["busy_ms"] > 0 and row["kernels_ms"], row
+
+
+def test_lowrank_program_cache_cases_run_interpreted():
+  """Every case of the GPU-only program benchmark is a valid program: its arguments and
+  body run the factorisation interpreted on a small problem and give finite maps."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import lowrank_program_cache as cache
+  from pallas_kernels.triton import lowrank_factor as lf
+  x = np.random.default_rng(0).standard_normal((2, 64, 32)).astype(np.float32)
+  gram = jnp.asarray(np.einsum("hnd,hne->hde", x, x))
+  try:
+    for name, (kwargs, impl) in cache.CASES.items():
+      lf.factor_pair = impl
+      a, b = lf.factor_grams_kernel.__wrapped__(gram, gram, rank=8, interpret=True,
+                                                **kwargs)
+      assert a.shape == b.shape == (2, 32, 8), name
+      assert bool(jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))), name
+  finally:
+    lf.factor_pair = cache.ORIG
