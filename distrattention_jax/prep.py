@@ -9,7 +9,6 @@ docs/KERNEL_NOTES.md, "Preparation kernels".)
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 

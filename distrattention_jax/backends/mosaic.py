@@ -12,7 +12,6 @@ G=1 (exact) 0.99x forward, 0.90-0.92x forward+backward.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 

@@ -342,9 +342,7 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
   if precision is None:
     precision = "ieee" if interpret else "tf32x3"
   if interpret:
-    small_precision = "ieee"
-  if interpret:
-    subspace_precision = precision
+    small_precision, subspace_precision = "ieee", precision
   elif subspace_precision is None:
     subspace_precision = SUBSPACE_PRECISION
   for name, value in (("precision", precision), ("small_precision", small_precision),
