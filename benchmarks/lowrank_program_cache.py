@@ -9,12 +9,12 @@ the attention kernel does in a real call; `--in-call` also times chosen variants
 the end-to-end lowrank forward.
 
 The variants are keyword arguments of `lowrank_factor.factor_grams_kernel` (plans,
-`subspace_precision`), plus two experimental bodies of
+`subspace_precision`, the code `form`), plus two experimental bodies of
 `lowrank_factor.factor_pair` defined here (the two inner half steps in one 2-trip loop,
 the Gram chosen by `cond` or by 0/1 weights). Phase 1 compiles every variant in its own
 process, in parallel, into JAX's persistent compilation cache; phase 2 times them in
 one process. Results and their reading: docs/KERNEL_NOTES.md,
-"Sixth session" and "Eighth session".
+"Sixth session", "Eighth session" and "Ninth session".
 
     python -m benchmarks.lowrank_program_cache [--only a,b] [--tag=-runN]      (GPU)
 """
@@ -63,11 +63,12 @@ def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=l
 # name: (factor_grams_kernel keyword arguments, factor_pair body); d=128, r=32, 8 warps,
 # TF32x3 d-deep products and IEEE r x r ones unless the arguments say otherwise
 # (`subspace_precision="tf32"`: the Gram products that only move the subspace in one
-# TF32 pass, measured in the eighth session and not adopted).
-OLD = {"subspace_precision": "tf32x3"}
+# TF32 pass, measured in the eighth session and not adopted). The eighth session's cases
+# keep its straight-line code (`form="unrolled"`, which also runs a patched body).
+OLD = {"subspace_precision": "tf32x3", "form": "unrolled"}
 CASES = {
     "default": ({}, ORIG),                                    # the shipped program
-    "subspace_tf32": ({"subspace_precision": "tf32"}, ORIG),
+    "subspace_tf32": ({"subspace_precision": "tf32", "form": "unrolled"}, ORIG),
     "old_plan": ({**OLD, "plan": lkv.OLD_DEFAULT}, ORIG),
     "one_step": ({**OLD, "steps": 1}, ORIG),
     "semi_cond": (OLD, semi),
@@ -80,7 +81,13 @@ CASES = {
     "p0001": ({**OLD, "plan": (0, 0, 0, 1)}, ORIG),
     "p0111": ({**OLD, "plan": (0, 1, 1, 1)}, ORIG),
     "p0336": ({**OLD, "plan": (0, 3, 3, 6)}, ORIG),
-    "p0336_subspace_tf32": ({"plan": (0, 3, 3, 6), "subspace_precision": "tf32"}, ORIG),
+    "p0336_subspace_tf32": ({"plan": (0, 3, 3, 6), "subspace_precision": "tf32",
+                             "form": "unrolled"}, ORIG),
+    # ninth session: the rolled form (one loop, `lowrank_factor.rolled_pair`; in run s9r1
+    # it was the default, named "default", and the shipped program "unrolled")
+    "rolled": ({"form": "rolled"}, ORIG),
+    "rolled_p0336": ({"plan": (0, 3, 3, 6), "form": "rolled"}, ORIG),
+    "rolled_3steps": ({"steps": 3, "form": "rolled"}, ORIG),
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

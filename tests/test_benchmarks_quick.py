@@ -115,3 +115,16 @@ def test_lowrank_program_cache_cases_run_interpreted():
       assert bool(jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))), name
   finally:
     lf.factor_pair = cache.ORIG
+
+
+def test_gram_tiles_variants_are_supported_tilings():
+  """The GPU-only Gram tiling benchmark asks only for tilings the kernel takes at its
+  shape (B=1, N=16384, H=16, d=128, bf16), with splits that divide a block's tiles."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import gram_tiles
+  from pallas_kernels.mosaic_gpu import grams
+  for rows, stages, splits in gram_tiles.VARIANTS:
+    tiles = grams.GramTiles(rows, stages)
+    assert grams.supports((1, 16384, 16, 128), jnp.bfloat16, 16384, 1, tiles) is None
+    assert splits is None or (16384 // rows) % splits == 0
+  assert gram_tiles.VARIANTS[0][:2] == (grams.GramTiles().tile_rows, grams.GramTiles().stages)

@@ -172,6 +172,30 @@ def test_kernel_matches_xla_iteration():
     _assert_same_score_map(xla, ker, 1e-3)
 
 
+@pytest.mark.parametrize("d,rank,steps,block_d", [(32, 8, 2, None), (64, 16, 1, None),
+                                                  (64, 16, 3, 32)])
+def test_rolled_program_equals_the_unrolled_one(d, rank, steps, block_d):
+  """form="rolled" (every half step in one loop, the Gram picked by 0/1 weights) runs the
+  same products in the same order as the straight-line program: equal maps, interpreted;
+  a loop with its own key Gram per program (kv_group) and Gram blocks (block_d)."""
+  rng = np.random.default_rng(d + steps)
+  x = rng.standard_normal((4, 3 * d, d))
+  gq = jnp.asarray(np.einsum("hnd,hne->hde", x, x), jnp.float32)
+  y = rng.standard_normal((2, 3 * d, d)) + 2.0
+  gk = jnp.asarray(np.einsum("hnd,hne->hde", y, y), jnp.float32)
+  maps = {form: lowrank_factor.factor_grams_kernel(
+      gq, gk, rank=rank, steps=steps, kv_group=2, block_d=block_d, interpret=True,
+      form=form) for form in ("rolled", "unrolled")}
+  for got, want in zip(maps["rolled"], maps["unrolled"]):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert lowrank_factor.is_regular(lowrank_factor.plan_for_steps(steps))
+  with pytest.raises(ValueError, match="form='rolled' needs"):
+    lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, plan=(0, 4, 7),
+                                       interpret=True, form="rolled")
+  with pytest.raises(ValueError, match="form must be"):
+    lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, form="loop")
+
+
 def test_per_kv_head_against_per_query_head():
   rng = np.random.default_rng(6)
   q, k = _structured(rng, 1, 32, 4, 16, kv_heads=2)
@@ -341,13 +365,14 @@ def test_projections_match_reference_scores():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("d,rank,small_precision", [(64, 8, "ieee"), (128, 32, "ieee"),
-                                                   (256, 64, "ieee"), (128, 32, "tf32")])
-def test_kernel_lowers_for_cuda(d, rank, small_precision):
+@pytest.mark.parametrize("d,rank,small_precision,form", [
+    (64, 8, "ieee", None), (128, 32, "ieee", None), (256, 64, "ieee", None),
+    (128, 32, "tf32", None), (128, 32, "ieee", "rolled"), (256, 64, "ieee", "rolled")])
+def test_kernel_lowers_for_cuda(d, rank, small_precision, form):
   """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
   primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
   fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2,
-                         small_precision=small_precision)
+                         small_precision=small_precision, form=form)
   text = lower_for_h100(fn, jax.ShapeDtypeStruct((4, d, d), jnp.float32),
                         jax.ShapeDtypeStruct((2, d, d), jnp.float32))
   assert "distr_lowrank_factor" in text

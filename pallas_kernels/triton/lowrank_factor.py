@@ -93,6 +93,14 @@ FINAL_POLYS = 7     # the last one, whose columns must be orthonormal
 # 0.0972 ms inside a call, but one head of a steep i^-2 spectrum fitted 7.3e-3 against
 # 1.4e-3 (H100, 2026-12-06; docs/KERNEL_NOTES.md, eighth session): not the default.
 SUBSPACE_PRECISION = "tf32x3"
+# The kernel's code form for regular plans (`factor_grams_kernel`). "rolled"
+# (`rolled_pair`) lost the unrolled program's slowdown after an L2 flush, but not its time
+# inside an end-to-end call: 0.0921 / 0.0942 / 0.1015 ms alone / after a flush / in a
+# call, against 0.0741 / 0.1020 / 0.1026 (16 programs, d=128, r=32, H100, 2026-12-06,
+# docs/KERNEL_NOTES.md, ninth session). It compiles in 2.4 s instead of 6.3; the
+# straight-line form stays the default for its speed where the L2 is warm (short
+# sequences, whose Grams do not flush it).
+FORM = "unrolled"
 
 
 def plan_for_steps(steps: int) -> tuple[int, ...]:
@@ -155,10 +163,14 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
   suffice (only the conditioning of the columns matters there); the final call runs all
   seven so the kept columns are orthonormal. A zero `w` or `p` gives zeros.
   `precision`: the d-deep products; `small_precision`: the `r x r` ones. `keep_w=False`
-  returns `(None, p T)` (inside the iteration only `p T` goes on).
+  returns `(None, p T)` (inside the iteration only `p T` goes on). `iters` may be a
+  traced int32 (the rolled program, `rolled_pair`): the loop then looks up all seven
+  polynomials' coefficients.
   """
-  if not 1 <= iters <= len(POLYNOMIALS):
+  static = isinstance(iters, int)
+  if static and not 1 <= iters <= len(POLYNOMIALS):
     raise ValueError(f"iters must be in [1, {len(POLYNOMIALS)}], got {iters}")
+  count = iters if static else len(POLYNOMIALS)
   c = _inner(w, p, precision)
   r = c.shape[0]
   norm = jnp.sqrt(_total(c * c))
@@ -172,7 +184,7 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
   def body(i, t):
     # Iteration i's coefficients (one loop body for all): sums of 0/1-weighted constants
     # (a scalar `jnp.where` mixes i1 and f32 operands in the Triton lowering).
-    hits = [(i == j).astype(jnp.float32) for j in range(1, iters)]
+    hits = [(i == j).astype(jnp.float32) for j in range(1, count)]
     a, b, c2 = (sum(h * POLYNOMIALS[j][n] for j, h in enumerate(hits, start=1))
                 for n in range(3))
     y = dot(t.T, dot(y0, t))           # the metric Gram of w T, recomputed from y0
@@ -242,6 +254,51 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
   return balanced_maps(z, gz, fast_q, scales)
 
 
+def is_regular(plan) -> bool:
+  """A plan `rolled_pair` runs: `(0, k, ..., k, final)` with k >= 1 (`plan_for_steps`)."""
+  plan = tuple(plan)
+  return (len(plan) >= 2 and len(plan) % 2 == 0 and plan[0] == 0 and plan[-1] >= 1
+          and len(set(plan[1:-1])) <= 1 and min(plan[1:]) >= 1)
+
+
+def rolled_pair(gq_mul, gk_mul, g_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
+                precision=HIGHEST, small_precision=HIGHEST):
+  """`factor_pair` for a regular plan (`is_regular`) as one loop: the same products in
+  the same order, with one copy of the code.
+
+  Every half step after the free first one (`Gq x0`) runs in one `fori_loop` whose trip
+  count the compiler cannot see, so it is not unrolled; each picks its Gram with 0/1
+  weights: `g_mul(key, x)` is `(key Gk + (1 - key) Gq) x` (chunked, like `gq_mul`), with
+  `key` 1.0 on the key-coefficient half steps. Why it was tried: inside an end-to-end
+  call the unrolled program ran ~0.03 ms slower than back to back (H100, 2026-12-06: 0.102
+  vs 0.074 ms for 16 programs at d=128), and the extra time came with each straight-line
+  copy of an orthonormalisation. Rolled, it ran as fast after an L2 flush as back to
+  back, but no faster inside a call (see `FORM`; docs/KERNEL_NOTES.md, ninth session).
+  """
+  plan = plan_for_steps(2) if plan is None else tuple(plan)
+  if not is_regular(plan):
+    raise ValueError(f"rolled_pair takes plans (0, k, ..., k, final) with k >= 1, got {plan}")
+  unit_q, unit_k, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
+  sq, sk = scales
+  half, inner = len(plan) - 1, plan[1]
+  # Traces are never negative: `opaque` is 0, but the compiler cannot know it. (Integer
+  # arithmetic, not a scalar jnp.where: the Triton lowering typed that result i1.)
+  opaque = (jnp.asarray(trace_q, jnp.float32) < -1.0).astype(jnp.int32)
+
+  def half_step(i, carry):
+    x, _ = carry
+    key = (jnp.bitwise_and(i, 1) == 0).astype(jnp.float32)  # Gk, Gq, ..., Gk
+    gx = _times(g_mul(key, x), key / sk + (1.0 - key) / sq)  # the unit-trace Gram
+    iters = (i == half - 1).astype(jnp.int32) * (plan[-1] - inner) + inner
+    w_t, p_t = metric_orth(x, gx, iters=iters, precision=precision,
+                           small_precision=small_precision)
+    return p_t, w_t          # the next coefficients; after the last step, (Gk Z, Z)
+
+  x = unit_q(x0)             # the free half step from the Gaussian start
+  gz, z = jax.lax.fori_loop(0, opaque + half, half_step, (x, x))
+  return balanced_maps(z, gz, unit_q, scales)
+
+
 def unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k):
   """`(Gq / sq) x` and `(Gk / sk) x` as callables, and `(sq, sk)` (a trace <= 0, e.g. an
   all-padding block, counts as 1): the Grams at unit trace (see `factor_pair`)."""
@@ -272,7 +329,7 @@ def start_subspace(d: int, r: int) -> np.ndarray:
 
 
 def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
-            small_precision, subspace_precision):
+            small_precision, subspace_precision, form):
   # The Grams are read block by block at every product (from L2) rather than held: two
   # d x d float32 values live through the whole program spilled at d=128 (H100,
   # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
@@ -290,13 +347,24 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
     return sum(_total(g_ref[pl.ds(i * chunk, chunk), pl.ds(i * chunk, chunk)] * diag)
                for i in range(n))
 
+  def blend_mul(key, x):  # (key Gk + (1 - key) Gq) x, block by block
+    def block(g_ref, i, j):
+      return g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)]
+    return tuple(sum(_dot(key * block(gk_ref, i, j) + (1.0 - key) * block(gq_ref, i, j),
+                          x[j], precision) for j in range(n)) for i in range(n))
+
   z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
-  a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, plan=plan,
-                     trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
-                     small_precision=small_precision,
-                     fast_muls=(None if subspace_precision == precision else
-                                (gram_mul(gq_ref, subspace_precision),
-                                 gram_mul(gk_ref, subspace_precision))))
+  if form == "rolled":
+    a, b = rolled_pair(gram_mul(gq_ref), gram_mul(gk_ref), blend_mul, z0, plan=plan,
+                       trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
+                       small_precision=small_precision)
+  else:
+    a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, plan=plan,
+                       trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
+                       small_precision=small_precision,
+                       fast_muls=(None if subspace_precision == precision else
+                                  (gram_mul(gq_ref, subspace_precision),
+                                   gram_mul(gk_ref, subspace_precision))))
   for i in range(n):
     a_ref[pl.ds(i * chunk, chunk), :] = a[i]
     b_ref[pl.ds(i * chunk, chunk), :] = b[i]
@@ -307,11 +375,13 @@ MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "plan", "kv_group",
                                              "num_warps", "precision", "small_precision",
-                                             "block_d", "interpret", "subspace_precision"))
+                                             "block_d", "interpret", "subspace_precision",
+                                             "form"))
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_group: int = 1,
                         num_warps: int = 8, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
-                        interpret: bool = False, subspace_precision: str | None = None):
+                        interpret: bool = False, subspace_precision: str | None = None,
+                        form: str | None = None):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
 
   The Grams are taken as they are (any positive scale: the program normalises them to
@@ -338,6 +408,9 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
     subspace_precision: the Gram products that only move the subspace (`factor_pair`'s
       `fast_muls`: every one but the last, and the balance's); None: `SUBSPACE_PRECISION`
       on a GPU, `precision` when interpreted.
+    form: "rolled" (`rolled_pair`: the half steps in one loop) or "unrolled"
+      (`factor_pair`: straight-line code); None: `FORM` where the plan is regular
+      (`is_regular`) and the subspace products take `precision`, else "unrolled".
   """
   if precision is None:
     precision = "ieee" if interpret else "tf32x3"
@@ -349,6 +422,16 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
                       ("subspace_precision", subspace_precision)):
     if value not in PRECISIONS:
       raise ValueError(f"{name} must be one of {tuple(PRECISIONS)}, got {value!r}")
+  plan = plan_for_steps(steps) if plan is None else tuple(plan)
+  rollable = is_regular(plan) and subspace_precision == precision
+  if form is None:
+    form = FORM if rollable else "unrolled"
+  if form not in ("rolled", "unrolled"):
+    raise ValueError(f"form must be 'rolled' or 'unrolled', got {form!r}")
+  if form == "rolled" and not rollable:
+    raise ValueError(f"form='rolled' needs a plan (0, k, ..., k, final) and one precision "
+                     f"for every Gram product, got plan={plan}, precision={precision!r}, "
+                     f"subspace_precision={subspace_precision!r}")
   m, d, _ = gq.shape
   block_d = min(d, MAX_CHUNK) if block_d is None else block_d
   if d % block_d or block_d < 16:
@@ -362,8 +445,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   a, b = pl.pallas_call(
-      functools.partial(_kernel, plan=plan_for_steps(steps) if plan is None else tuple(plan),
-                        chunk=block_d, precision=PRECISIONS[precision],
+      functools.partial(_kernel, plan=plan, form=form, chunk=block_d,
+                        precision=PRECISIONS[precision],
                         small_precision=PRECISIONS[small_precision],
                         subspace_precision=PRECISIONS[subspace_precision]),
       grid=(m,),

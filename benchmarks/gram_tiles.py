@@ -1,0 +1,66 @@
+"""The Mosaic Gram kernel's GPU time per tiling (GPU only).
+
+`pallas_kernels.mosaic_gpu.grams.gram_blocks_multi` of Q and K in one launch at B=1,
+H=16, N=16384, d=128, bf16 (one Gram per sequence, as in the lowrank pre-pass), for
+several (tile rows, pipeline stages, splits), and once on a head-contiguous copy of the
+same data (`[B * H, T, 1, d]`: does the BTNH layout's strided rows cost bandwidth?). GPU
+time per call from the device's kernel timestamps (`kernel_profile`). Results:
+docs/KERNEL_NOTES.md, "Ninth session".
+
+    python -m benchmarks.gram_tiles [--tag=-s9] [--out-dir benchmarks/results]   (GPU)
+"""
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import kernel_profile
+from benchmarks import timing
+from pallas_kernels.mosaic_gpu import grams
+
+# (tile rows, stages, splits or None for the kernel's choice); the first is the default.
+VARIANTS = ((128, 4, None), (128, 2, None), (128, 5, None), (64, 4, None), (64, 8, None),
+            (256, 2, None), (128, 4, 2), (128, 4, 8))
+CONTIGUOUS = ((128, 4), (256, 2))
+
+
+def _time(q, k, tiles, splits, calls=20):
+  n = q.shape[1]
+  fn = jax.jit(lambda q, k: grams.gram_blocks_multi(
+      (q, k), block_rows=(n, n), num_blocks=(1, 1), splits=splits, tiles=tiles))
+  jax.block_until_ready(fn(q, k))
+  totals, _ = kernel_profile.device_kernel_times(fn, (q, k), calls)
+  return {name: ns / calls / 1e6 for name, ns in totals.items()}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--tag", default="")
+  p.add_argument("--out-dir", default="benchmarks/results")
+  args = p.parse_args(argv)
+  q, k, _ = timing.make_inputs(1, 16384, 16384, 16, 128, jnp.bfloat16, 1)[0]
+  rows = {}
+  for rows_, stages, splits in VARIANTS:
+    name = f"t{rows_}-s{stages}-sp{splits}"
+    try:
+      rows[name] = _time(q, k, grams.GramTiles(rows_, stages), splits)
+    except Exception as e:  # noqa: BLE001  (a tiling that does not fit: recorded)
+      rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print(name, rows[name], flush=True)
+  qc, kc = (jnp.transpose(x, (0, 2, 1, 3)).reshape(16, 16384, 1, 128) for x in (q, k))
+  for rows_, stages in CONTIGUOUS:
+    name = f"contiguous-t{rows_}-s{stages}"
+    rows[name] = _time(qc, kc, grams.GramTiles(rows_, stages), None)
+    print(name, rows[name], flush=True)
+  info = timing.device_info()
+  path = os.path.join(args.out_dir, "gram-tiles-{}-{}{}.json".format(
+      info["device"].replace(" ", "_"), info["date"][:10], args.tag))
+  timing.write_json(path, {"info": info, "rows": rows})
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
