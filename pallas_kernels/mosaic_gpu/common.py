@@ -60,6 +60,17 @@ def zeros_acc(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
 
 
+def split_map_product(x_smem, map_parts, rows: int, width: int):
+  """`X (hi + lo)`, float32 `[rows, width]` in registers: a shared-memory tile `X`
+  `[rows, d]` times a map held as its transposed high and low parts in the input dtype
+  (`map_parts [2, width, d]`, `project.split_map`), two wgmmas into one accumulator
+  (reading it waits for them)."""
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, x_smem, map_parts.at[0].T)
+    plgpu.wgmma(acc_ref, x_smem, map_parts.at[1].T)
+  return pl.run_state(product)(plgpu.ACC.init(zeros_acc((rows, width))))
+
+
 # OR of one predicate over the 128 threads of the calling warpgroup, on its own named
 # barrier (Mosaic GPU's warpgroup barrier id: warpgroup index + 1, 128 threads).
 _WARPGROUP_OR_PTX = ("{ .reg .pred p_in, p_out; setp.ne.u32 p_in, $1, 0; "

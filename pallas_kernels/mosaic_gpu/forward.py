@@ -94,11 +94,7 @@ def forward_call(q, k, v, *, causal: bool, kv_len: int, tiles: Tiles, q_offset: 
         # Q_rep = Q (hi + lo)  ([block_q, r], contracted over d), rounded to the input
         # dtype like the XLA projection, then stored where the score wgmma reads it.
         plgpu.barrier_wait(map_loaded)
-
-        def project_q(acc_ref):
-          plgpu.wgmma(acc_ref, o_smems.at[wg], map_smem.at[0].T)
-          plgpu.wgmma(acc_ref, o_smems.at[wg], map_smem.at[1].T)
-        q_rep = pl.run_state(project_q)(plgpu.ACC.init(common.zeros_acc((block_q, r))))
+        q_rep = common.split_map_product(o_smems.at[wg], map_smem, block_q, r)
         q_smem[...] = q_rep.astype(dtype)
         plgpu.commit_smem()  # generic-proxy stores, read next by the wgmma (async proxy)
 

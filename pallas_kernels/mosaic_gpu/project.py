@@ -134,11 +134,7 @@ def project_rows(x, w):
         slot = lax.rem(j, i32(stages))
         buf = lax.rem(j, i32(2))
         plgpu.barrier_wait(loaded.at[slot])
-
-        def project(acc_ref):  # X_t (hi + lo)  ([tile_rows, r], contracted over d)
-          plgpu.wgmma(acc_ref, x_smems.at[slot], w_smem.at[0].T)
-          plgpu.wgmma(acc_ref, x_smems.at[slot], w_smem.at[1].T)
-        y = pl.run_state(project)(plgpu.ACC.init(common.zeros_acc((TILE_ROWS, r))))
+        y = common.split_map_product(x_smems.at[slot], w_smem, TILE_ROWS, r)  # X_t (hi + lo)
         plgpu.barrier_arrive(free.at[slot])
         # The store two tiles ago used this staging buffer: wait until it was read.
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)

@@ -278,7 +278,7 @@ def rolled_pair(gq_mul, gk_mul, g_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.
   plan = plan_for_steps(2) if plan is None else tuple(plan)
   if not is_regular(plan):
     raise ValueError(f"rolled_pair takes plans (0, k, ..., k, final) with k >= 1, got {plan}")
-  unit_q, unit_k, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
+  unit_q, _, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)  # Gk x: g_mul
   sq, sk = scales
   half, inner = len(plan) - 1, plan[1]
   # Traces are never negative: `opaque` is 0, but the compiler cannot know it. (Integer
@@ -336,22 +336,23 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
   # at d=256 one Gram alone is more than the shared memory.
   n = z0_ref.shape[0] // chunk
 
+  def block(g_ref, i, j):  # a Gram's block (i, j), read from memory
+    return g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)]
+
+  def product(gram_block, x, precision=precision):  # G x, block by block
+    return tuple(sum(_dot(gram_block(i, j), x[j], precision) for j in range(n))
+                 for i in range(n))
+
   def gram_mul(g_ref, precision=precision):
-    def mul(x):
-      return tuple(sum(_dot(g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)], x[j],
-                            precision) for j in range(n)) for i in range(n))
-    return mul
+    return lambda x: product(functools.partial(block, g_ref), x, precision)
+
+  def blend_mul(key, x):  # (key Gk + (1 - key) Gq) x, for the rolled form
+    return product(lambda i, j: key * block(gk_ref, i, j) + (1.0 - key) * block(gq_ref, i, j),
+                   x)
 
   def trace(g_ref):  # the unit-trace scaling is done here, not by XLA ops around the call
     diag = _eye(chunk)
-    return sum(_total(g_ref[pl.ds(i * chunk, chunk), pl.ds(i * chunk, chunk)] * diag)
-               for i in range(n))
-
-  def blend_mul(key, x):  # (key Gk + (1 - key) Gq) x, block by block
-    def block(g_ref, i, j):
-      return g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)]
-    return tuple(sum(_dot(key * block(gk_ref, i, j) + (1.0 - key) * block(gq_ref, i, j),
-                          x[j], precision) for j in range(n)) for i in range(n))
+    return sum(_total(block(g_ref, i, i) * diag) for i in range(n))
 
   z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
   if form == "rolled":
