@@ -88,6 +88,23 @@ CASES = {
     "rolled": ({"form": "rolled"}, ORIG),
     "rolled_p0336": ({"plan": (0, 3, 3, 6), "form": "rolled"}, ORIG),
     "rolled_3steps": ({"steps": 3, "form": "rolled"}, ORIG),
+    # tenth session: the rolled form forms `x T` once after its loop (not in every half
+    # step; the `rolled*` cases above now do too), reads only its half step's Gram
+    # (`select="index"`), and the orthonormalisations' d-deep products in IEEE float32
+    # (`orth_precision`); the plan of three Gram products
+    "rolled_index": ({"form": "rolled", "select": "index"}, ORIG),
+    "orth_ieee": ({"form": "unrolled", "orth_precision": "ieee"}, ORIG),
+    "rolled_index_orth_ieee": ({"form": "rolled", "select": "index",
+                                "orth_precision": "ieee"}, ORIG),
+    "p047": ({"form": "unrolled", "plan": (0, 4, 7)}, ORIG),
+    "rolled_index_ieee": ({"form": "rolled", "select": "index", "precision": "ieee",
+                           "subspace_precision": "ieee"}, ORIG),
+    "rolled_index_orth_ieee_w4": ({"form": "rolled", "select": "index",
+                                   "orth_precision": "ieee", "num_warps": 4}, ORIG),
+    "rolled_index_ieee_w4": ({"form": "rolled", "select": "index", "precision": "ieee",
+                              "subspace_precision": "ieee",
+                              "num_warps": 4}, ORIG),
+    "rolled_orth_ieee": ({"form": "rolled", "orth_precision": "ieee"}, ORIG),
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

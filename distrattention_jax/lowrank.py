@@ -193,6 +193,12 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
   group = heads // kv_heads
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
+  if use_kernel:
+    maps = _stacked_kernel_maps(query, key, block_q=block_q, rank=rank,
+                                query_valid=query_valid, key_valid=key_valid,
+                                per_kv_head=per_kv_head, method=method, steps=steps)
+    if maps is not None:
+      return maps
   # The GPU kernel path: the Mosaic Gram kernel (one launch for Q and K), else one
   # einsum per batch row (prep).
   rows = bool(use_kernel)
@@ -210,6 +216,40 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
     q_map, b = factor_grams(gq, gk_h, rank, method=method, steps=steps,
                             use_kernel=use_kernel)
   return jax.lax.stop_gradient(q_map), jax.lax.stop_gradient(b)
+
+
+def _stacked_kernel_maps(query, key, *, block_q, rank, query_valid, key_valid, per_kv_head,
+                         method, steps):
+  """`lowrank_maps` on the GPU kernel path with the Grams in one array: the Mosaic Gram
+  kernel writes the query Grams (per kv head: the group's summed by its reduce-add) and
+  then the key Grams (`prep.stacked_head_grams`), and the fused program reads both by
+  index (`factor_stacked_grams_kernel`), so nothing is concatenated, summed or broadcast
+  between the two kernels. Program `(b, h, block)` takes key Gram `(b, h // group)`:
+  index `i // (group * nb)` (per kv head: `i // nb`). None where this path does not
+  apply (the caller goes on with `head_grams_multi` and `factor_grams`)."""
+  from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  d = query.shape[-1]
+  if method == "exact" or d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK:
+    return None
+  batch, heads, kv_heads = query.shape[0], query.shape[2], key.shape[2]
+  group = heads // kv_heads
+  pooled = group if per_kv_head else 1
+  grams = prep.stacked_head_grams(
+      [(query, block_q, query_valid), (key, max(key.shape[1], 1), key_valid)],
+      pool=(pooled, 1))
+  if grams is None:
+    return None
+  map_heads = heads // pooled
+  nb = (grams.shape[0] - batch * kv_heads) // (batch * map_heads)
+  a, b = lowrank_factor.factor_stacked_grams_kernel(
+      grams, num_query=batch * map_heads * nb, kv_group=group // pooled * nb, rank=rank,
+      steps=steps)
+  a, b = (m.reshape(batch, map_heads, nb, d, rank) for m in (a, b))
+  if per_kv_head:
+    a = jnp.repeat(a, group, axis=1)
+  return jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
 
 
 def causal_prefix_maps(query, key, *, block_q, group_size, first_maps, query_valid=None,

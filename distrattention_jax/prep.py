@@ -97,6 +97,30 @@ def head_grams_multi(items, *, per_batch_row: bool = False, kernel: bool = False
   return out
 
 
+def stacked_head_grams(items, pool=None):
+  """`head_grams_multi(items, kernel=True)` as one float32 array `[sum_i B_i H_i nb_i, d, d]`
+  (the first item's Grams first, each item's in `[B, H, nb]` order), written so by one
+  launch of the Mosaic GPU Gram kernel; None where that kernel does not take every row of
+  every item (not a Hopper GPU, a width or dtype it does not take, rows past whole
+  blocks): the caller then uses `head_grams_multi`. The lowrank program reads its two
+  Grams from this array by index, with no concatenation between the two kernels.
+  `pool`: per item, consecutive heads whose Grams are summed into one (the query heads of
+  a kv head; `grams.gram_blocks_multi`), default 1 each."""
+  if not devices.is_hopper():
+    return None
+  from pallas_kernels.mosaic_gpu import grams as mosaic_grams  # pylint: disable=import-outside-toplevel
+  items = [(_gram_input(x), block_q, valid) for x, block_q, valid in items]
+  plans = [_kernel_rows(x, block_q, mosaic_grams) for x, block_q, _ in items]
+  first = items[0][0]
+  if any(p is None or p[0] * p[1] != x.shape[1] or x.shape[3] != first.shape[3]
+         or x.dtype != first.dtype for p, (x, _, _) in zip(plans, items)):
+    return None
+  return mosaic_grams.gram_blocks_multi(
+      tuple(_zero_padding(x, valid) for x, _, valid in items),
+      block_rows=tuple(p[0] for p in plans), num_blocks=tuple(p[1] for p in plans),
+      stacked=True, pool=None if pool is None else tuple(pool))
+
+
 def _gram_input(x):
   x = jax.lax.stop_gradient(x)
   return x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)

@@ -183,17 +183,41 @@ def test_rolled_program_equals_the_unrolled_one(d, rank, steps, block_d):
   gq = jnp.asarray(np.einsum("hnd,hne->hde", x, x), jnp.float32)
   y = rng.standard_normal((2, 3 * d, d)) + 2.0
   gk = jnp.asarray(np.einsum("hnd,hne->hde", y, y), jnp.float32)
-  maps = {form: lowrank_factor.factor_grams_kernel(
-      gq, gk, rank=rank, steps=steps, kv_group=2, block_d=block_d, interpret=True,
-      form=form) for form in ("rolled", "unrolled")}
+  forms = {"rolled": {"form": "rolled", "select": "blend"}, "unrolled": {"form": "unrolled"},
+           "indexed": {"form": "rolled", "select": "index"}}
+  maps = {name: lowrank_factor.factor_grams_kernel(
+      gq, gk, rank=rank, steps=steps, kv_group=2, block_d=block_d, interpret=True, **kw)
+      for name, kw in forms.items()}
   for got, want in zip(maps["rolled"], maps["unrolled"]):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # Each half step reading its Gram by index from one array: the same products, but XLA's
+  # CPU dots of a dynamic slice round differently, so the same score map up to rounding.
+  _assert_same_score_map(maps["indexed"], maps["unrolled"], 1e-4)
   assert lowrank_factor.is_regular(lowrank_factor.plan_for_steps(steps))
   with pytest.raises(ValueError, match="form='rolled' needs"):
     lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, plan=(0, 4, 7),
                                        interpret=True, form="rolled")
   with pytest.raises(ValueError, match="form must be"):
     lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, form="loop")
+  with pytest.raises(ValueError, match="select must be"):
+    lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, select="cond")
+  with pytest.raises(ValueError, match="select='index' is an option of form='rolled'"):
+    lowrank_factor.factor_grams_kernel(gq, gk, rank=rank, kv_group=2, form="unrolled",
+                                       select="index")
+  # The Grams as one array (as the Gram kernel writes them): the indexed program, no
+  # concatenation.
+  stacked = lowrank_factor.factor_stacked_grams_kernel(
+      jnp.concatenate([gq, gk]), num_query=4, rank=rank, steps=steps, kv_group=2,
+      block_d=block_d, interpret=True)
+  for got, want in zip(stacked, maps["indexed"]):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"grams must be \[num_query \+ num_query // kv_group"):
+    lowrank_factor.factor_stacked_grams_kernel(gq, num_query=4, rank=rank, kv_group=2,
+                                               interpret=True)
+  with pytest.raises(ValueError, match="stacked Grams are read by index"):
+    lowrank_factor.factor_stacked_grams_kernel(jnp.concatenate([gq, gk]), num_query=4,
+                                               rank=rank, kv_group=2, form="unrolled",
+                                               interpret=True)
 
 
 def test_per_kv_head_against_per_query_head():
@@ -365,14 +389,16 @@ def test_projections_match_reference_scores():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("d,rank,small_precision,form", [
-    (64, 8, "ieee", None), (128, 32, "ieee", None), (256, 64, "ieee", None),
-    (128, 32, "tf32", None), (128, 32, "ieee", "rolled"), (256, 64, "ieee", "rolled")])
-def test_kernel_lowers_for_cuda(d, rank, small_precision, form):
+@pytest.mark.parametrize("d,rank,small_precision,form,extra", [
+    (64, 8, "ieee", None, {}), (128, 32, "ieee", None, {}), (256, 64, "ieee", None, {}),
+    (128, 32, "tf32", None, {}), (128, 32, "ieee", "rolled", {}),
+    (256, 64, "ieee", "rolled", {}), (128, 32, "ieee", "rolled", {"select": "index"}),
+    (128, 32, "ieee", "unrolled", {"orth_precision": "ieee"})])
+def test_kernel_lowers_for_cuda(d, rank, small_precision, form, extra):
   """The fused program lowers for CUDA on a CPU (abstract H100): no unsupported
   primitive. Triton compile errors and speed need the GPU (benchmarks/lowrank_cost.py)."""
   fn = functools.partial(lowrank_factor.factor_grams_kernel, rank=rank, kv_group=2,
-                         small_precision=small_precision, form=form)
+                         small_precision=small_precision, form=form, **extra)
   text = lower_for_h100(fn, jax.ShapeDtypeStruct((4, d, d), jnp.float32),
                         jax.ShapeDtypeStruct((2, d, d), jnp.float32))
   assert "distr_lowrank_factor" in text
@@ -542,6 +568,28 @@ def test_flax_layers_run_lowrank():
 _ON_GPU = jax.default_backend() == "gpu"
 
 
+@pytest.mark.parametrize("per_kv_head", [True, False])
+def test_kernel_path_lowers_with_the_grams_in_one_array(monkeypatch, per_kv_head):
+  """On Hopper the Gram kernel writes every Gram into one array (per kv head: a group's
+  query Grams summed by its reduce-add) and the program reads it by index: lowered for
+  CUDA on a CPU (Hopper faked), one Mosaic and one Triton call and nothing between them
+  that concatenates or sums Grams."""
+  from distrattention_jax import devices  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(devices, "is_hopper", lambda: True)
+  q = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+  fn = functools.partial(lowrank.lowrank_maps, block_q=512, group_size=4, use_kernel=True,
+                         per_kv_head=per_kv_head)
+  text = lower_for_h100(fn, q, k)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert text.count("xla.gpu.triton") == 1
+  grams = 2 * (2 if per_kv_head else 4) * 2 + 2 * 2    # query Grams [B, H(kv), nb], key Grams
+  assert f"tensor<{grams}x128x128xf32>" in text
+  # (The Gram kernel's zeroed output is a broadcast of 0.0; no Gram is added or copied.)
+  for op in ("stablehlo.concatenate", "stablehlo.reduce", "stablehlo.add"):
+    assert not any(op in line and "128x128xf32" in line for line in text.splitlines()), op
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("implementation", ["cudnn", "triton", "xla", "mosaic"])
@@ -569,6 +617,28 @@ def test_gpu_parity(implementation, per_kv_head):
                                      lowrank_maps=maps, **kw)
   err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("per_kv_head,block_q", [(True, 1024), (False, 512), (True, 256)])
+def test_gpu_maps_from_grams_in_one_array(monkeypatch, per_kv_head, block_q):
+  """The kernel path's maps with the Grams in one array (pooled by the Gram kernel, read by
+  index) against the same program on Grams concatenated, summed and broadcast by XLA
+  (`prep.stacked_head_grams` disabled): the same score maps (GQA, query blocks)."""
+  from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(41)
+  q, k = _structured(rng, 2, 1024, 4, 128, kv_heads=2)
+  q16, k16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  fn = jax.jit(functools.partial(lowrank.lowrank_maps, block_q=block_q, group_size=4,
+                                 per_kv_head=per_kv_head))
+  stacked = fn(q16, k16)
+  monkeypatch.setattr(prep, "stacked_head_grams", lambda *a, **kw: None)
+  apart = jax.jit(functools.partial(lowrank.lowrank_maps, block_q=block_q, group_size=4,
+                                    per_kv_head=per_kv_head))(q16, k16)
+  for got, want in zip(stacked, apart):
+    assert got.shape == want.shape
+  _assert_same_score_map(stacked, apart, 2e-3)
 
 
 @pytest.mark.gpu

@@ -126,6 +126,13 @@ def test_multi_lowers_for_cuda_on_cpu():
       jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16),
       jax.ShapeDtypeStruct((2, 1096, 2, 128), jnp.bfloat16))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  stacked = lower_for_h100(
+      lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1),
+                                           stacked=True),
+      jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16),
+      jax.ShapeDtypeStruct((2, 1096, 2, 128), jnp.bfloat16))
+  assert stacked.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert "tensor<36x128x128xf32>" in stacked   # 2*8*2 query Grams, then 2*2 key Grams
 
 
 @pytest.mark.gpu
@@ -137,6 +144,12 @@ def test_multi_matches_einsum():
   gq, gk = grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1))
   assert _rel(gq, _einsum_grams(q, 512)) < 1e-5
   assert _rel(gk, _einsum_grams(k[:, :1024], 4096)) < 1e-5
+  # stacked: one array, the query Grams in [B, H, nb] order, then the key Grams.
+  both = grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1),
+                                 stacked=True)
+  assert both.shape == (2 * 8 * 2 + 2 * 2, 128, 128)
+  assert _rel(both[:32], _einsum_grams(q, 512).reshape(32, 128, 128)) < 1e-5
+  assert _rel(both[32:], _einsum_grams(k[:, :1024], 4096).reshape(4, 128, 128)) < 1e-5
 
 
 @pytest.mark.gpu

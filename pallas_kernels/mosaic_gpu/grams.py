@@ -102,18 +102,31 @@ def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
                            splits=splits, tiles=tiles)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_blocks", "splits", "tiles"))
+@functools.partial(jax.jit,
+                   static_argnames=("block_rows", "num_blocks", "splits", "tiles", "stacked",
+                                    "pool"))
 def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int, ...],
-                      splits: int | None = None, tiles: GramTiles = GramTiles()):
+                      splits: int | None = None, tiles: GramTiles = GramTiles(),
+                      stacked: bool = False, pool: tuple[int, ...] | None = None):
   """`gram_blocks` of several arrays (e.g. Q and K) in one launch: a tuple of float32
   `[B_i, H_i, nb_i, d, d]`. Every x_i shares d and the dtype; CTAs [0, n_0) take x_0,
   the next n_1 x_1, and so on, so the arrays share one wave of the GPU instead of each
   paying its own ramp-up and tail. splits: CTAs per block, for every array (default:
   the largest power of two dividing every block's tile count with one wave).
+  stacked: one float32 array `[sum_i B_i H_i nb_i, d, d]` instead, the Grams of x_0
+  first (each array's in `[B_i, H_i, nb_i]` order): the lowrank program reads its two
+  Grams from one array by index (`lowrank_factor.factor_stacked_grams_kernel`).
+  pool: per array, how many consecutive heads share one Gram (their Grams summed, by the
+  same reduce-add: the query heads of a kv head for one factorisation per kv head);
+  array i then has `H_i / pool_i` heads of Grams. Default 1 each.
   """
   xs = tuple(xs)
-  if not (len(xs) == len(block_rows) == len(num_blocks)) or not xs:
-    raise ValueError("xs, block_rows and num_blocks must have one entry per array")
+  pool = (1,) * len(xs) if pool is None else tuple(pool)
+  if not (len(xs) == len(block_rows) == len(num_blocks) == len(pool)) or not xs:
+    raise ValueError("xs, block_rows, num_blocks and pool must have one entry per array")
+  for x, p in zip(xs, pool):
+    if not isinstance(p, int) or p < 1 or x.shape[2] % p:
+      raise ValueError(f"pool must divide the heads of its array, got {p} for {x.shape}")
   for x, rows, nb in zip(xs, block_rows, num_blocks):
     reason = supports(x.shape, x.dtype, rows, nb, tiles)
     if reason:
@@ -129,19 +142,23 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   if splits < 1 or any(n % splits for n in tiles_per_block):
     raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
                      f"got {splits}")
-  # Per array: (batch, heads, CTAs per batch-head, tiles per CTA, first CTA).
-  plans, first_cta = [], 0
-  for x, nb, n in zip(xs, num_blocks, tiles_per_block):
+  # Per array: (batch, heads, CTAs per batch-head, tiles per CTA, first CTA, first Gram
+  # in the stacked output).
+  plans, first_cta, first_gram = [], 0, 0
+  for x, nb, n, p in zip(xs, num_blocks, tiles_per_block, pool):
     per_head = nb * splits
-    plans.append((x.shape[0], x.shape[2], per_head, n // splits, first_cta))
+    plans.append((x.shape[0], x.shape[2], per_head, n // splits, first_cta, first_gram, p))
     first_cta += x.shape[0] * x.shape[2] * per_head
+    first_gram += x.shape[0] * x.shape[2] // p * nb
   stages = min(tiles.stages, max(p[3] for p in plans))
 
   def one_array(x_ref, out_ref, plan, local, x_smems, gram_smem, loaded, free):
-    _, heads, per_head, tiles_per_cta, _ = plan
+    _, heads, per_head, tiles_per_cta, _, gram0, heads_per_gram = plan
     chunk = lax.rem(local, i32(per_head))
     bh = lax.div(local, i32(per_head))
     bi, hi = lax.div(bh, i32(heads)), lax.rem(bh, i32(heads))
+    bg = lax.div(bh, i32(heads_per_gram))  # (batch row, Gram head), flat
+    gi = lax.div(hi, i32(heads_per_gram))  # the Gram head
     block = lax.div(chunk, i32(splits))
     first = chunk * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
     wg = lax.axis_index("wg")
@@ -162,7 +179,9 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       gram_smem[...] = acc
       plgpu.commit_smem()
       # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
-      plgpu.copy_smem_to_gmem(gram_smem, out_ref.at[bi, hi, block], reduction_op="add")
+      target = (out_ref.at[gram0 + bg * (per_head // splits) + block] if stacked else
+                out_ref.at[bi, gi, block])
+      plgpu.copy_smem_to_gmem(gram_smem, target, reduction_op="add")
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == 1)
@@ -175,8 +194,10 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   def kernel(refs, scoped):
     x_refs, out_refs = refs[:len(xs)], refs[len(xs):]
     cta = lax.axis_index("cta")
+    if stacked:
+      out_refs = out_refs * len(xs)
     for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
-      batch, heads, per_head, _, first = plan
+      batch, heads, per_head, _, first, _, _ = plan
       mine = (cta >= first) & (cta < first + batch * heads * per_head)
       pl.when(mine)(functools.partial(one_array, x_ref, out_ref, plan, cta - first,
                                       *scoped))
@@ -190,8 +211,11 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
                   plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                   collective_axes="wg")
 
-  outs = [jax.new_ref(jnp.zeros((x.shape[0], x.shape[2], nb, d, d), jnp.float32))
-          for x, nb in zip(xs, num_blocks)]
+  if stacked:
+    outs = [jax.new_ref(jnp.zeros((first_gram, d, d), jnp.float32))]
+  else:
+    outs = [jax.new_ref(jnp.zeros((x.shape[0], x.shape[2] // p, nb, d, d), jnp.float32))
+            for x, nb, p in zip(xs, num_blocks, pool)]
   plgpu.kernel(
       distr_gram,
       out_type=(),
@@ -200,4 +224,6 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       num_threads=2,
       thread_name="wg",
   )(*xs, *outs)
+  if stacked:
+    return outs[0][...]
   return tuple(out[...] for out in outs)

@@ -93,14 +93,17 @@ FINAL_POLYS = 7     # the last one, whose columns must be orthonormal
 # 0.0972 ms inside a call, but one head of a steep i^-2 spectrum fitted 7.3e-3 against
 # 1.4e-3 (H100, 2026-12-06; docs/KERNEL_NOTES.md, eighth session): not the default.
 SUBSPACE_PRECISION = "tf32x3"
-# The kernel's code form for regular plans (`factor_grams_kernel`). "rolled"
-# (`rolled_pair`) lost the unrolled program's slowdown after an L2 flush, but not its time
-# inside an end-to-end call: 0.0921 / 0.0942 / 0.1015 ms alone / after a flush / in a
-# call, against 0.0741 / 0.1020 / 0.1026 (16 programs, d=128, r=32, H100, 2026-12-06,
-# docs/KERNEL_NOTES.md, ninth session). It compiles in 2.4 s instead of 6.3; the
-# straight-line form stays the default for its speed where the L2 is warm (short
-# sequences, whose Grams do not flush it).
-FORM = "unrolled"
+# The kernel's code form for regular plans (`factor_grams_kernel`) and the precision of the
+# orthonormalisations' d-deep products. The rolled form (`rolled_pair`: one loop, each
+# half step reading its Gram by index from one array, `x T` formed once after the loop)
+# with those products in IEEE float32 on the FMA units took 0.067 ms alone, 0.067 after
+# an L2 flush and 0.078-0.079 inside an end-to-end call, against 0.075 / 0.102 / 0.103
+# for the straight-line form with TF32x3 products (16 programs, d=128, r=32, H100,
+# 2026-12-06, docs/KERNEL_NOTES.md, tenth session). IEEE alone did nothing for the
+# straight-line form (0.075 / 0.104); reading both Grams and blending them cost the
+# rolled form 0.010 ms; the Gram products in IEEE too took 0.110.
+FORM = "rolled"
+ORTH_PRECISION = "ieee"
 
 
 def plan_for_steps(steps: int) -> tuple[int, ...]:
@@ -154,19 +157,8 @@ def _times(w, t, precision=HIGHEST):
   return tuple(wi * t for wi in w)
 
 
-def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
-                keep_w: bool = True):
-  """`(w T, p T)` with `(w T)^T G (w T) ~ I`, given `p = G w` (chunked `[d, r]` each).
-
-  `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from the first
-  `iters` Newton-Schulz polynomials (`POLYNOMIALS`). Inside the subspace iteration a few
-  suffice (only the conditioning of the columns matters there); the final call runs all
-  seven so the kept columns are orthonormal. A zero `w` or `p` gives zeros.
-  `precision`: the d-deep products; `small_precision`: the `r x r` ones. `keep_w=False`
-  returns `(None, p T)` (inside the iteration only `p T` goes on). `iters` may be a
-  traced int32 (the rolled program, `rolled_pair`): the loop then looks up all seven
-  polynomials' coefficients.
-  """
+def orth_factor(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST):
+  """The `r x r` factor `T` of `metric_orth` (`(w T)^T G (w T) ~ I`), given `p = G w`."""
   static = isinstance(iters, int)
   if static and not 1 <= iters <= len(POLYNOMIALS):
     raise ValueError(f"iters must be in [1, {len(POLYNOMIALS)}], got {iters}")
@@ -194,12 +186,29 @@ def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
   a, b, c2 = POLYNOMIALS[0]
   t = a * eye + b * y0 + c2 * dot(y0, y0)
   t = jax.lax.fori_loop(1, iters, body, t)
-  t = t * jnp.where(ok, jax.lax.rsqrt(jnp.maximum(norm, TINY)), 0.0)
+  return t * jnp.where(ok, jax.lax.rsqrt(jnp.maximum(norm, TINY)), 0.0)
+
+
+def metric_orth(w, p, *, iters: int, precision=HIGHEST, small_precision=HIGHEST,
+                keep_w: bool = True):
+  """`(w T, p T)` with `(w T)^T G (w T) ~ I`, given `p = G w` (chunked `[d, r]` each).
+
+  `T ~ (C / n + RIDGE I)^(-1/2) / sqrt(n)` with `C = w^T p`, `n = |C|_F`, from the first
+  `iters` Newton-Schulz polynomials (`POLYNOMIALS`; `orth_factor`). Inside the subspace
+  iteration a few suffice (only the conditioning of the columns matters there); the final
+  call runs all seven so the kept columns are orthonormal. A zero `w` or `p` gives zeros.
+  `precision`: the d-deep products; `small_precision`: the `r x r` ones. `keep_w=False`
+  returns `(None, p T)` (inside the iteration only `p T` goes on). `iters` may be a
+  traced int32 (the rolled program, `rolled_pair`): the loop then looks up all seven
+  polynomials' coefficients.
+  """
+  t = orth_factor(w, p, iters=iters, precision=precision, small_precision=small_precision)
   return (_times(w, t, precision) if keep_w else None), _times(p, t, precision)
 
 
 def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
-                precision=HIGHEST, small_precision=HIGHEST, fast_muls=None):
+                precision=HIGHEST, small_precision=HIGHEST, fast_muls=None,
+                orth_precision=None):
   """`(A, B)` for one block, from `Gq @ x` and `Gk @ x` (callables) and a start.
 
   All `[d, r]` matrices are tuples of row chunks (one chunk: plain matrices); `x0` is the
@@ -238,7 +247,8 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
   unit_q, unit_k, scales = unit_trace_muls(gq_mul, gk_mul, trace_q, trace_k)
   fast_q, fast_k, _ = (unit_q, unit_k, None) if fast_muls is None else unit_trace_muls(
       *fast_muls, trace_q, trace_k)
-  orth = functools.partial(metric_orth, precision=precision, small_precision=small_precision)
+  orth = functools.partial(metric_orth, small_precision=small_precision,
+                           precision=precision if orth_precision is None else orth_precision)
   x = x0
   for i, polys in enumerate(plan):
     key_coeffs = (len(plan) - 1 - i) % 2 == 0
@@ -262,7 +272,7 @@ def is_regular(plan) -> bool:
 
 
 def rolled_pair(gq_mul, gk_mul, g_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
-                precision=HIGHEST, small_precision=HIGHEST):
+                precision=HIGHEST, small_precision=HIGHEST, orth_precision=None):
   """`factor_pair` for a regular plan (`is_regular`) as one loop: the same products in
   the same order, with one copy of the code.
 
@@ -285,17 +295,22 @@ def rolled_pair(gq_mul, gk_mul, g_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.
   # arithmetic, not a scalar jnp.where: the Triton lowering typed that result i1.)
   opaque = (jnp.asarray(trace_q, jnp.float32) < -1.0).astype(jnp.int32)
 
+  orth_precision = precision if orth_precision is None else orth_precision
+
   def half_step(i, carry):
-    x, _ = carry
+    x, _, _ = carry
     key = (jnp.bitwise_and(i, 1) == 0).astype(jnp.float32)  # Gk, Gq, ..., Gk
     gx = _times(g_mul(key, x), key / sk + (1.0 - key) / sq)  # the unit-trace Gram
     iters = (i == half - 1).astype(jnp.int32) * (plan[-1] - inner) + inner
-    w_t, p_t = metric_orth(x, gx, iters=iters, precision=precision,
-                           small_precision=small_precision)
-    return p_t, w_t          # the next coefficients; after the last step, (Gk Z, Z)
+    t = orth_factor(x, gx, iters=iters, precision=orth_precision,
+                    small_precision=small_precision)
+    # The next coefficients `gx T`; `x T` is only needed after the last step (Z), so the
+    # loop carries x and T for it instead of forming it every time.
+    return _times(gx, t, orth_precision), x, t
 
   x = unit_q(x0)             # the free half step from the Gaussian start
-  gz, z = jax.lax.fori_loop(0, opaque + half, half_step, (x, x))
+  gz, x, t = jax.lax.fori_loop(0, opaque + half, half_step, (x, x, _eye(x[0].shape[1])))
+  z = _times(x, t, orth_precision)   # Z^T Gk Z = I, with gz = Gk Z
   return balanced_maps(z, gz, unit_q, scales)
 
 
@@ -328,44 +343,64 @@ def start_subspace(d: int, r: int) -> np.ndarray:
   return np.random.default_rng(20261125).standard_normal((d, r)).astype(np.float32)
 
 
-def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
-            small_precision, subspace_precision, form):
+def _kernel(*refs, plan, chunk, precision, small_precision, subspace_precision,
+            orth_precision, form, select, kv_group, num_query):
   # The Grams are read block by block at every product (from L2) rather than held: two
   # d x d float32 values live through the whole program spilled at d=128 (H100,
   # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
   # at d=256 one Gram alone is more than the shared memory.
+  if select == "index":  # one array of every Gram: [M query Grams, M / kv_group key Grams]
+    g_ref, z0_ref, a_ref, b_ref = refs
+    prog = pl.program_id(0)
+    q_index = prog
+    k_index = num_query + prog // kv_group
+    gq_ref = gk_ref = None
+  else:
+    gq_ref, gk_ref, z0_ref, a_ref, b_ref = refs
   n = z0_ref.shape[0] // chunk
 
   def block(g_ref, i, j):  # a Gram's block (i, j), read from memory
     return g_ref[pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)]
 
+  def indexed(index, i, j):  # block (i, j) of Gram `index` of the one array
+    return g_ref[index, pl.ds(i * chunk, chunk), pl.ds(j * chunk, chunk)]
+
+  if select == "index":
+    gq_block = functools.partial(indexed, q_index)
+    gk_block = functools.partial(indexed, k_index)
+  else:
+    gq_block = functools.partial(block, gq_ref)
+    gk_block = functools.partial(block, gk_ref)
+
   def product(gram_block, x, precision=precision):  # G x, block by block
     return tuple(sum(_dot(gram_block(i, j), x[j], precision) for j in range(n))
                  for i in range(n))
 
-  def gram_mul(g_ref, precision=precision):
-    return lambda x: product(functools.partial(block, g_ref), x, precision)
+  def gram_mul(gram_block, precision=precision):
+    return lambda x: product(gram_block, x, precision)
 
   def blend_mul(key, x):  # (key Gk + (1 - key) Gq) x, for the rolled form
-    return product(lambda i, j: key * block(gk_ref, i, j) + (1.0 - key) * block(gq_ref, i, j),
-                   x)
+    if select == "index":  # read only the Gram the half step uses
+      index = q_index + key.astype(jnp.int32) * (k_index - q_index)
+      return product(functools.partial(indexed, index), x)
+    return product(lambda i, j: key * gk_block(i, j) + (1.0 - key) * gq_block(i, j), x)
 
-  def trace(g_ref):  # the unit-trace scaling is done here, not by XLA ops around the call
+  def trace(gram_block):  # the unit-trace scaling is done here, not by XLA ops around the call
     diag = _eye(chunk)
-    return sum(_total(block(g_ref, i, i) * diag) for i in range(n))
+    return sum(_total(gram_block(i, i) * diag) for i in range(n))
 
   z0 = tuple(z0_ref[pl.ds(i * chunk, chunk), :] for i in range(n))
   if form == "rolled":
-    a, b = rolled_pair(gram_mul(gq_ref), gram_mul(gk_ref), blend_mul, z0, plan=plan,
-                       trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
-                       small_precision=small_precision)
+    a, b = rolled_pair(gram_mul(gq_block), gram_mul(gk_block), blend_mul, z0, plan=plan,
+                       trace_q=trace(gq_block), trace_k=trace(gk_block), precision=precision,
+                       small_precision=small_precision, orth_precision=orth_precision)
   else:
-    a, b = factor_pair(gram_mul(gq_ref), gram_mul(gk_ref), z0, plan=plan,
-                       trace_q=trace(gq_ref), trace_k=trace(gk_ref), precision=precision,
-                       small_precision=small_precision,
+    a, b = factor_pair(gram_mul(gq_block), gram_mul(gk_block), z0, plan=plan,
+                       trace_q=trace(gq_block), trace_k=trace(gk_block), precision=precision,
+                       small_precision=small_precision, orth_precision=orth_precision,
                        fast_muls=(None if subspace_precision == precision else
-                                  (gram_mul(gq_ref, subspace_precision),
-                                   gram_mul(gk_ref, subspace_precision))))
+                                  (gram_mul(gq_block, subspace_precision),
+                                   gram_mul(gk_block, subspace_precision))))
   for i in range(n):
     a_ref[pl.ds(i * chunk, chunk), :] = a[i]
     b_ref[pl.ds(i * chunk, chunk), :] = b[i]
@@ -374,15 +409,17 @@ def _kernel(gq_ref, gk_ref, z0_ref, a_ref, b_ref, *, plan, chunk, precision,
 MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "steps", "plan", "kv_group",
-                                             "num_warps", "precision", "small_precision",
-                                             "block_d", "interpret", "subspace_precision",
-                                             "form"))
+_STATIC = ("rank", "steps", "plan", "kv_group", "num_warps", "precision", "small_precision",
+           "block_d", "interpret", "subspace_precision", "form", "orth_precision", "select")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_group: int = 1,
                         num_warps: int = 8, precision: str | None = None,
                         small_precision: str = "ieee", block_d: int | None = None,
                         interpret: bool = False, subspace_precision: str | None = None,
-                        form: str | None = None):
+                        form: str | None = None, orth_precision: str | None = None,
+                        select: str | None = None):
   """`(A, B)` float32 `[M, d, r]` for M query Grams and M / kv_group key Grams.
 
   The Grams are taken as they are (any positive scale: the program normalises them to
@@ -397,11 +434,13 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
       and stay zero (their metric Gram block is the ridge alone, uncoupled).
     num_warps: warps per program (the programs are latency-bound chains of small
       matmuls; 8: 0.181 ms vs 0.227 with 4 at d=128, r=32, 16 programs, H100,
-      2026-12-06, the old plan; with the current one 0.073 ms, 16 warps 0.150;
-      docs/KERNEL_NOTES.md).
-    precision: "tf32x3" or "ieee" for the d-deep products (None: tf32x3 on a GPU, ieee
+      2026-12-06, the old plan; with the rolled program 0.067 ms against 0.103 with 4,
+      tenth session; docs/KERNEL_NOTES.md).
+    precision: "tf32x3" or "ieee" for the Gram products (None: tf32x3 on a GPU, ieee
       when interpreted, where XLA's CPU dots have no TF32); small_precision: the same for
-      the `r x r` products of the orthonormalisations.
+      the `r x r` products of the orthonormalisations; orth_precision: for their d-deep
+      products (`w^T p`, `p T`, `w T`; None: `ORTH_PRECISION` on a GPU, `precision`
+      when interpreted).
     block_d: rows and columns of the Gram blocks multiplied at a time (default
       min(d, 128)); a divisor of d.
     steps: subspace iterations (`plan_for_steps`); plan: an explicit plan instead (a
@@ -412,15 +451,64 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
     form: "rolled" (`rolled_pair`: the half steps in one loop) or "unrolled"
       (`factor_pair`: straight-line code); None: `FORM` where the plan is regular
       (`is_regular`) and the subspace products take `precision`, else "unrolled".
+    select: how the rolled form reads a half step's Gram: "index" (the Grams as one
+      array, `factor_stacked_grams_kernel`, after an XLA concatenation here) or "blend"
+      (both read, weighted 0/1); None: "index" for the rolled form.
   """
+  gq, gk = gq.astype(jnp.float32), gk.astype(jnp.float32)
+  config = _config(plan=plan, steps=steps, precision=precision,
+                   small_precision=small_precision, subspace_precision=subspace_precision,
+                   form=form, orth_precision=orth_precision, select=select,
+                   interpret=interpret)
+  if config["select"] == "index":
+    return _factor_call((jnp.concatenate([gq, gk]),), num_query=gq.shape[0], rank=rank,
+                        kv_group=kv_group, num_warps=num_warps, block_d=block_d,
+                        interpret=interpret, **config)
+  return _factor_call((gq, gk), num_query=gq.shape[0], rank=rank, kv_group=kv_group,
+                      num_warps=num_warps, block_d=block_d, interpret=interpret, **config)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_query",))
+def factor_stacked_grams_kernel(grams, *, num_query: int, rank: int, steps: int = 2,
+                                plan=None, kv_group: int = 1, num_warps: int = 8,
+                                precision: str | None = None, small_precision: str = "ieee",
+                                block_d: int | None = None, interpret: bool = False,
+                                subspace_precision: str | None = None,
+                                form: str | None = None, orth_precision: str | None = None,
+                                select: str | None = None):
+  """`factor_grams_kernel` of Grams given as one float32 array `[M + M / kv_group, d, d]`:
+  the M query Grams, then the key Grams (as the Gram kernel writes them with
+  `stacked=True`, so no concatenation runs). Same options; the form must be rolled with
+  `select="index"` (the defaults)."""
+  config = _config(plan=plan, steps=steps, precision=precision,
+                   small_precision=small_precision, subspace_precision=subspace_precision,
+                   form=form, orth_precision=orth_precision, select=select,
+                   interpret=interpret)
+  if config["select"] != "index":
+    raise ValueError(f"stacked Grams are read by index: the rolled form with "
+                     f"select='index', got form={config['form']!r}, "
+                     f"select={config['select']!r}")
+  if grams.ndim != 3 or grams.shape[0] != num_query + num_query // kv_group:
+    raise ValueError(f"grams must be [num_query + num_query // kv_group, d, d] = "
+                     f"[{num_query + num_query // kv_group}, d, d], got {grams.shape}")
+  return _factor_call((grams.astype(jnp.float32),), num_query=num_query, rank=rank,
+                      kv_group=kv_group, num_warps=num_warps, block_d=block_d,
+                      interpret=interpret, **config)
+
+
+def _config(*, plan, steps, precision, small_precision, subspace_precision, form,
+            orth_precision, select, interpret):
+  """The program's options with their defaults filled in, checked."""
   if precision is None:
     precision = "ieee" if interpret else "tf32x3"
   if interpret:
-    small_precision, subspace_precision = "ieee", precision
-  elif subspace_precision is None:
-    subspace_precision = SUBSPACE_PRECISION
+    small_precision, subspace_precision, orth_precision = "ieee", precision, precision
+  else:
+    subspace_precision = SUBSPACE_PRECISION if subspace_precision is None else subspace_precision
+    orth_precision = ORTH_PRECISION if orth_precision is None else orth_precision
   for name, value in (("precision", precision), ("small_precision", small_precision),
-                      ("subspace_precision", subspace_precision)):
+                      ("subspace_precision", subspace_precision),
+                      ("orth_precision", orth_precision)):
     if value not in PRECISIONS:
       raise ValueError(f"{name} must be one of {tuple(PRECISIONS)}, got {value!r}")
   plan = plan_for_steps(steps) if plan is None else tuple(plan)
@@ -433,7 +521,22 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
     raise ValueError(f"form='rolled' needs a plan (0, k, ..., k, final) and one precision "
                      f"for every Gram product, got plan={plan}, precision={precision!r}, "
                      f"subspace_precision={subspace_precision!r}")
-  m, d, _ = gq.shape
+  if select is None:
+    select = "index" if form == "rolled" else "blend"
+  if select not in ("blend", "index"):
+    raise ValueError(f"select must be 'blend' or 'index', got {select!r}")
+  if select == "index" and form != "rolled":
+    raise ValueError("select='index' is an option of form='rolled'")
+  return {"plan": plan, "precision": precision, "small_precision": small_precision,
+          "subspace_precision": subspace_precision, "orth_precision": orth_precision,
+          "form": form, "select": select}
+
+
+def _factor_call(grams, *, num_query, rank, kv_group, num_warps, block_d, interpret, plan,
+                 precision, small_precision, subspace_precision, orth_precision, form,
+                 select):
+  """The pallas_call: `grams` is `(gq, gk)` ("blend") or `(stacked,)` ("index")."""
+  m, d = num_query, grams[0].shape[-1]
   block_d = min(d, MAX_CHUNK) if block_d is None else block_d
   if d % block_d or block_d < 16:
     raise ValueError(f"block_d must be a divisor of d={d} and >= 16, got {block_d}")
@@ -445,20 +548,25 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  if select == "index":  # the whole array: each program indexes its two Grams
+    gram_specs = [pl.BlockSpec(grams[0].shape, lambda i: (0, 0, 0))]
+  else:
+    gram_specs = [pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, d, d), lambda i: (i // kv_group, 0, 0))]
   a, b = pl.pallas_call(
       functools.partial(_kernel, plan=plan, form=form, chunk=block_d,
                         precision=PRECISIONS[precision],
                         small_precision=PRECISIONS[small_precision],
-                        subspace_precision=PRECISIONS[subspace_precision]),
+                        subspace_precision=PRECISIONS[subspace_precision],
+                        orth_precision=PRECISIONS[orth_precision], select=select,
+                        kv_group=kv_group, num_query=m),
       grid=(m,),
-      in_specs=[pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
-                pl.BlockSpec((None, d, d), lambda i: (i // kv_group, 0, 0)),
-                pl.BlockSpec((d, width), lambda i: (0, 0))],
+      in_specs=gram_specs + [pl.BlockSpec((d, width), lambda i: (0, 0))],
       out_specs=[pl.BlockSpec((None, d, width), lambda i: (i, 0, 0)),
                  pl.BlockSpec((None, d, width), lambda i: (i, 0, 0))],
       out_shape=[out, out],
       interpret=interpret,
       name="distr_lowrank_factor",
       **kwargs,
-  )(gq.astype(jnp.float32), gk.astype(jnp.float32), jnp.asarray(z0))
+  )(*grams, jnp.asarray(z0))
   return a[..., :rank], b[..., :rank]
