@@ -145,12 +145,19 @@ def in_call(names, calls=10):
   totals, _ = kernel_profile.device_kernel_times(cudnn, sets[0], calls)
   rows["cudnn"] = {"busy_ms": sum(totals.values()) / calls / 1e6}
   print("cudnn", rows["cudnn"], flush=True)
+  from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
+  stacked = prep.stacked_head_grams
   for n in names:
     kwargs, impl = CASES[n]
-    lf.factor_pair = impl
-    lf.factor_grams_kernel = lambda gq, gk, kwargs=kwargs, **kw: orig.__wrapped__(
-        gq, gk, **{**kw, "num_warps": 8, "precision": "tf32x3", "small_precision": "ieee",
-                   **kwargs})
+    if n != "default":
+      # The variants run through factor_grams_kernel (patched here), so the Grams come as
+      # two arrays (one concatenation where the variant reads them by index); "default"
+      # is the shipped path: the Gram kernel writes one array, no XLA op between.
+      prep.stacked_head_grams = lambda *a, **kw: None
+      lf.factor_pair = impl
+      lf.factor_grams_kernel = lambda gq, gk, kwargs=kwargs, **kw: orig.__wrapped__(
+          gq, gk, **{**kw, "num_warps": 8, "precision": "tf32x3", "small_precision": "ieee",
+                     **kwargs})
     try:
       fn = jax.jit(functools.partial(dj.distr_attention, group_size=D // RANK, block_q=None,
                                      grouping="lowrank", implementation="mosaic"))
@@ -161,10 +168,12 @@ def in_call(names, calls=10):
                  "attention_ms": totals["entry_mosaic_gpu_kernel"] / calls / 1e6}
       rows[n]["prepass_ms"] = rows[n]["busy_ms"] - rows[n]["attention_ms"]
       rows[n]["prepass_of_cudnn"] = rows[n]["prepass_ms"] / rows["cudnn"]["busy_ms"]
+      rows[n]["kernels_ms"] = {k2: v / calls / 1e6 for k2, v in totals.items()}
     except Exception as e:  # noqa: BLE001
       rows[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
       lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
+      prep.stacked_head_grams = stacked
     print("in call", n, {k: round(v, 5) if isinstance(v, float) else v
                          for k, v in rows[n].items()}, flush=True)
   return rows
