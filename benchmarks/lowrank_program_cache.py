@@ -105,6 +105,8 @@ CASES = {
                               "subspace_precision": "ieee",
                               "num_warps": 4}, ORIG),
     "rolled_orth_ieee": ({"form": "rolled", "orth_precision": "ieee"}, ORIG),
+    # the program shipped until the tenth session (straight-line, TF32x3 orthonormalisations)
+    "previous": ({"form": "unrolled", "orth_precision": "tf32x3"}, ORIG),
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
