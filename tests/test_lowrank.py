@@ -621,14 +621,17 @@ def test_gpu_parity(implementation, per_kv_head):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("per_kv_head,block_q", [(True, 1024), (False, 512), (True, 256)])
+@pytest.mark.parametrize("per_kv_head,block_q", [(True, 512), (False, 256), (True, 128)])
 def test_gpu_maps_from_grams_in_one_array(monkeypatch, per_kv_head, block_q):
   """The kernel path's maps with the Grams in one array (pooled by the Gram kernel, read by
   index) against the same program on Grams concatenated, summed and broadcast by XLA
-  (`prep.stacked_head_grams` disabled): the same score maps (GQA, query blocks)."""
+  (`prep.stacked_head_grams` disabled): the same fit in every block (GQA, query blocks).
+  Not the same score maps: the Grams differ in their last bits (summation order), and
+  beyond this data's 6 prototype directions the rank-32 subspace is picked from a flat
+  noise spectrum (an H200 run found A B^T 0.5% apart, with equal fits)."""
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(41)
-  q, k = _structured(rng, 2, 1024, 4, 128, kv_heads=2)
+  q, k = _structured(rng, 2, 512, 4, 128, kv_heads=2)
   q16, k16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
   fn = jax.jit(functools.partial(lowrank.lowrank_maps, block_q=block_q, group_size=4,
                                  per_kv_head=per_kv_head))
@@ -638,7 +641,10 @@ def test_gpu_maps_from_grams_in_one_array(monkeypatch, per_kv_head, block_q):
                                     per_kv_head=per_kv_head))(q16, k16)
   for got, want in zip(stacked, apart):
     assert got.shape == want.shape
-  _assert_same_score_map(stacked, apart, 2e-3)
+  err_stacked, best = _errors(q16, k16, *stacked, block_q)
+  err_apart, _ = _errors(q16, k16, *apart, block_q)
+  np.testing.assert_allclose(err_stacked, err_apart, rtol=1e-3, atol=1e-4)
+  assert np.all(err_stacked <= best + 0.01), (err_stacked, best)
 
 
 @pytest.mark.gpu
