@@ -9,12 +9,16 @@ the attention kernel does in a real call; `--in-call` also times chosen variants
 the end-to-end lowrank forward.
 
 The variants are keyword arguments of `lowrank_factor.factor_grams_kernel` (plans,
-`subspace_precision`, the code `form`), plus two experimental bodies of
+`subspace_precision`, the code `form`, `select`, `orth_precision`), plus two experimental
+bodies of
 `lowrank_factor.factor_pair` defined here (the two inner half steps in one 2-trip loop,
 the Gram chosen by `cond` or by 0/1 weights). Phase 1 compiles every variant in its own
 process, in parallel, into JAX's persistent compilation cache; phase 2 times them in
 one process. Results and their reading: docs/KERNEL_NOTES.md,
-"Sixth session", "Eighth session" and "Ninth session".
+"Sixth session", "Eighth session", "Ninth session" and "Tenth session". In a call,
+"default" runs the shipped path (the Grams written as one array by the Gram kernel); the
+other cases run through a patched `factor_grams_kernel` (two Gram arrays, concatenated
+where the case reads them by index).
 
     python -m benchmarks.lowrank_program_cache [--only a,b] [--tag=-runN]      (GPU)
 """

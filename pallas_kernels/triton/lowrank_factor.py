@@ -33,8 +33,10 @@ Everything is written on 2-D arrays with ops that the Pallas Triton lowering sup
 (dots, transposes, element-wise ops, reductions, fori_loop), so `factor_pair` is at once
 the XLA implementation (vmapped) and the body of the fused kernel `factor_grams_kernel`:
 one program per (batch, head, block) runs every step on data held on chip, where XLA
-would launch each of the ~200 tiny matmuls separately. Imports nothing from
-distrattention_jax.
+would launch each of the ~200 tiny matmuls separately. On the GPU the kernel runs the
+same products as one loop (`rolled_pair`), reading its Grams by index from one array
+(`factor_stacked_grams_kernel`, as the Mosaic Gram kernel writes them). Imports nothing
+from distrattention_jax.
 """
 
 from __future__ import annotations
@@ -239,6 +241,8 @@ def factor_pair(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0,
     `r x r` metric Gram sets how far weak directions are scaled up, and rounding it to
     TF32 made the maps depend on the Grams' last bits (docs/KERNEL_NOTES.md, eighth
     session).
+  orth_precision: the orthonormalisations' d-deep products (`w^T p`, `w T`, `p T`);
+    None: `precision`. (The kernel takes them in IEEE float32, `ORTH_PRECISION`.)
   """
   plan = plan_for_steps(2) if plan is None else tuple(plan)
   if not plan or plan[-1] < 1 or any(not 0 <= k <= len(POLYNOMIALS) for k in plan):
@@ -277,13 +281,15 @@ def rolled_pair(gq_mul, gk_mul, g_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.
   the same order, with one copy of the code.
 
   Every half step after the free first one (`Gq x0`) runs in one `fori_loop` whose trip
-  count the compiler cannot see, so it is not unrolled; each picks its Gram with 0/1
-  weights: `g_mul(key, x)` is `(key Gk + (1 - key) Gq) x` (chunked, like `gq_mul`), with
-  `key` 1.0 on the key-coefficient half steps. Why it was tried: inside an end-to-end
-  call the unrolled program ran ~0.03 ms slower than back to back (H100, 2026-12-06: 0.102
-  vs 0.074 ms for 16 programs at d=128), and the extra time came with each straight-line
-  copy of an orthonormalisation. Rolled, it ran as fast after an L2 flush as back to
-  back, but no faster inside a call (see `FORM`; docs/KERNEL_NOTES.md, ninth session).
+  count the compiler cannot see, so it is not unrolled; `g_mul(key, x)` is the half
+  step's Gram times x, `Gk x` where `key` is 1.0 (the key-coefficient half steps), else
+  `Gq x` (chunked, like `gq_mul`; the kernel reads that Gram by index, or blends both
+  with 0/1 weights). The loop carries the last `x` and `T` and forms `Z = x T` once after
+  it. Why: inside an end-to-end call the straight-line program ran ~0.03 ms slower than
+  back to back (H100, 2026-12-06: 0.102 vs 0.074 ms for 16 programs at d=128), and that
+  time came with its copies of the orthonormalisation code. Rolled, with one Gram read
+  per product and IEEE orthonormalisations, it takes 0.067 ms back to back and after an
+  L2 flush, ~0.078 in a call (see `FORM`; docs/KERNEL_NOTES.md, tenth session).
   """
   plan = plan_for_steps(2) if plan is None else tuple(plan)
   if not is_regular(plan):
