@@ -4,7 +4,7 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|rescale|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|prepass|rescale|all]
 # Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
 # prints its whole module, which would fill a device call's output).
 set -uo pipefail
@@ -42,6 +42,14 @@ if [ "$what" = profile ] || [ "$what" = all ]; then
   timeout 200 python -m benchmarks.kernel_profile --out-dir "$out" \
     > "$out/kernel-profile.log" 2>&1
   grep -v Warn "$out/kernel-profile.log" | cut -c1-150 | head -80
+fi
+if [ "$what" = prepass ]; then
+  # The lowrank pre-pass against issue 14's target (B=1, H=16, N=16384, d=128, G=4): the
+  # factorisation program alone, after an L2 flush and inside a call, the shipped path
+  # against the program shipped until the tenth session, every kernel's time in a call.
+  timeout 200 python -m benchmarks.lowrank_program_cache --only default,previous \
+    --in-call default,previous --out-dir "$out" > "$out/prepass.log" 2>&1
+  grep -v Warn "$out/prepass.log" | cut -c1-400 | tail -8
 fi
 if [ "$what" = prep ]; then
   # Kernel alone vs end to end (greedy, lowrank) against cuDNN, one timing method; each
