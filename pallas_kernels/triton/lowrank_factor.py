@@ -360,7 +360,6 @@ def _kernel(*refs, plan, chunk, precision, small_precision, subspace_precision,
     prog = pl.program_id(0)
     q_index = prog
     k_index = num_query + prog // kv_group
-    gq_ref = gk_ref = None
   else:
     gq_ref, gk_ref, z0_ref, a_ref, b_ref = refs
   n = z0_ref.shape[0] // chunk
