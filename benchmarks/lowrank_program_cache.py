@@ -67,12 +67,18 @@ def semi(gq_mul, gk_mul, x0, *, plan=None, trace_q=1.0, trace_k=1.0, precision=l
 # name: (factor_grams_kernel keyword arguments, factor_pair body); d=128, r=32, 8 warps,
 # TF32x3 d-deep products and IEEE r x r ones unless the arguments say otherwise
 # (`subspace_precision="tf32"`: the Gram products that only move the subspace in one
-# TF32 pass, measured in the eighth session and not adopted). The eighth session's cases
-# keep its straight-line code (`form="unrolled"`, which also runs a patched body).
-OLD = {"subspace_precision": "tf32x3", "form": "unrolled"}
+# TF32 pass, measured in the eighth session and not adopted). Each session's cases pin
+# the settings that were defaults when they were measured (`TF32X3_ORTH`: the
+# orthonormalisations' d-deep products in TF32x3, the default until the tenth session),
+# so that later defaults do not change what they time. The eighth session's cases keep
+# its straight-line code (`form="unrolled"`, which also runs a patched body).
+TF32X3_ORTH = {"orth_precision": "tf32x3"}
+OLD = {"subspace_precision": "tf32x3", "form": "unrolled", **TF32X3_ORTH}
+ROLLED_BLEND = {"form": "rolled", "select": "blend", **TF32X3_ORTH}
 CASES = {
     "default": ({}, ORIG),                                    # the shipped program
-    "subspace_tf32": ({"subspace_precision": "tf32", "form": "unrolled"}, ORIG),
+    "subspace_tf32": ({"subspace_precision": "tf32", "form": "unrolled", **TF32X3_ORTH},
+                      ORIG),
     "old_plan": ({**OLD, "plan": lkv.OLD_DEFAULT}, ORIG),
     "one_step": ({**OLD, "steps": 1}, ORIG),
     "semi_cond": (OLD, semi),
@@ -86,21 +92,22 @@ CASES = {
     "p0111": ({**OLD, "plan": (0, 1, 1, 1)}, ORIG),
     "p0336": ({**OLD, "plan": (0, 3, 3, 6)}, ORIG),
     "p0336_subspace_tf32": ({"plan": (0, 3, 3, 6), "subspace_precision": "tf32",
-                             "form": "unrolled"}, ORIG),
-    # ninth session: the rolled form (one loop, `lowrank_factor.rolled_pair`; in run s9r1
-    # it was the default, named "default", and the shipped program "unrolled")
-    "rolled": ({"form": "rolled"}, ORIG),
-    "rolled_p0336": ({"plan": (0, 3, 3, 6), "form": "rolled"}, ORIG),
-    "rolled_3steps": ({"steps": 3, "form": "rolled"}, ORIG),
+                             "form": "unrolled", **TF32X3_ORTH}, ORIG),
+    # ninth session: the rolled form (one loop, `lowrank_factor.rolled_pair`, both Grams
+    # read and blended; in run s9r1 it was the default, named "default", and the shipped
+    # program "unrolled")
+    "rolled": (ROLLED_BLEND, ORIG),
+    "rolled_p0336": ({**ROLLED_BLEND, "plan": (0, 3, 3, 6)}, ORIG),
+    "rolled_3steps": ({**ROLLED_BLEND, "steps": 3}, ORIG),
     # tenth session: the rolled form forms `x T` once after its loop (not in every half
     # step; the `rolled*` cases above now do too), reads only its half step's Gram
     # (`select="index"`), and the orthonormalisations' d-deep products in IEEE float32
     # (`orth_precision`); the plan of three Gram products
-    "rolled_index": ({"form": "rolled", "select": "index"}, ORIG),
+    "rolled_index": ({"form": "rolled", "select": "index", **TF32X3_ORTH}, ORIG),
     "orth_ieee": ({"form": "unrolled", "orth_precision": "ieee"}, ORIG),
     "rolled_index_orth_ieee": ({"form": "rolled", "select": "index",
                                 "orth_precision": "ieee"}, ORIG),
-    "p047": ({"form": "unrolled", "plan": (0, 4, 7)}, ORIG),
+    "p047": ({"form": "unrolled", "plan": (0, 4, 7), **TF32X3_ORTH}, ORIG),
     "rolled_index_ieee": ({"form": "rolled", "select": "index", "precision": "ieee",
                            "subspace_precision": "ieee"}, ORIG),
     "rolled_index_orth_ieee_w4": ({"form": "rolled", "select": "index",
@@ -108,9 +115,9 @@ CASES = {
     "rolled_index_ieee_w4": ({"form": "rolled", "select": "index", "precision": "ieee",
                               "subspace_precision": "ieee",
                               "num_warps": 4}, ORIG),
-    "rolled_orth_ieee": ({"form": "rolled", "orth_precision": "ieee"}, ORIG),
+    "rolled_orth_ieee": ({**ROLLED_BLEND, "orth_precision": "ieee"}, ORIG),
     # the program shipped until the tenth session (straight-line, TF32x3 orthonormalisations)
-    "previous": ({"form": "unrolled", "orth_precision": "tf32x3"}, ORIG),
+    "previous": ({"form": "unrolled", **TF32X3_ORTH}, ORIG),
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
