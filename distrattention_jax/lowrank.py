@@ -99,6 +99,21 @@ KERNEL_MAX_HEAD_DIM = 128  # widest head dim the fused factorisation program ser
 KERNEL_MAX_RANK = 32       # and highest rank r = d / G
 
 
+def _program_serves(d, rank) -> bool:
+  """Whether the fused factorisation program takes head dim d and rank r. At d=256
+  (r=64) it asked for 262144 bytes of shared memory with 128-row Gram blocks (232448 on
+  an H100) and compiled for over 125 s with 64-row blocks; at d=128, r=64 (G=2) it
+  compiled for 64-107 s, once per shape (2026-12-06,
+  benchmarks/lowrank_kernel_variants.py). So wider heads and ranks above 32 run the same
+  iteration as XLA ops (same result, more launches)."""
+  return d <= KERNEL_MAX_HEAD_DIM and rank <= KERNEL_MAX_RANK
+
+
+def _check_method(method):
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   """`(A, B)` `[..., d, r]` by subspace iteration (matmuls only).
 
@@ -113,13 +128,7 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
   gk = jnp.broadcast_to(gk, batch_shape + (d, d))
   if use_kernel is None:
     use_kernel = jax.default_backend() == "gpu"
-  if use_kernel and (d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK):
-    # At d=256 (r=64) the program asked for 262144 bytes of shared memory with 128-row
-    # Gram blocks (232448 on an H100) and compiled for over 125 s with 64-row blocks;
-    # at d=128, r=64 (G=2) it compiled for 64-107 s, once per shape (2026-12-06,
-    # benchmarks/lowrank_kernel_variants.py). So wider heads and ranks above 32 run the
-    # same iteration as XLA ops (same result, more launches).
-    use_kernel = False
+  use_kernel = use_kernel and _program_serves(d, rank)
   if use_kernel:
     a, b = lowrank_factor.factor_grams_kernel(
         gq.reshape(-1, d, d), gk.reshape(-1, d, d), rank=rank, steps=steps,
@@ -142,8 +151,7 @@ def factor_iter(gq, gk, rank, *, steps=DEFAULT_STEPS, use_kernel=None):
 
 def factor_grams(gq, gk, rank, *, method="auto", steps=DEFAULT_STEPS, use_kernel=None):
   """`(A, B)` `[..., d, r]` for query Grams `gq [..., d, d]` and key Grams `gk`."""
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  _check_method(method)
   if method == "auto":
     method = "iter" if jax.default_backend() == "gpu" else "exact"
   if method == "exact":
@@ -228,10 +236,9 @@ def _stacked_kernel_maps(query, key, *, block_q, rank, query_valid, key_valid, p
   index `i // (group * nb)` (per kv head: `i // nb`). None where this path does not
   apply (the caller goes on with `head_grams_multi` and `factor_grams`)."""
   from pallas_kernels.triton import lowrank_factor  # pylint: disable=import-outside-toplevel
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  _check_method(method)
   d = query.shape[-1]
-  if method == "exact" or d > KERNEL_MAX_HEAD_DIM or rank > KERNEL_MAX_RANK:
+  if method == "exact" or not _program_serves(d, rank):
     return None
   batch, heads, kv_heads = query.shape[0], query.shape[2], key.shape[2]
   group = heads // kv_heads

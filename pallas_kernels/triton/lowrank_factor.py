@@ -465,11 +465,8 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
                    small_precision=small_precision, subspace_precision=subspace_precision,
                    form=form, orth_precision=orth_precision, select=select,
                    interpret=interpret)
-  if config["select"] == "index":
-    return _factor_call((jnp.concatenate([gq, gk]),), num_query=gq.shape[0], rank=rank,
-                        kv_group=kv_group, num_warps=num_warps, block_d=block_d,
-                        interpret=interpret, **config)
-  return _factor_call((gq, gk), num_query=gq.shape[0], rank=rank, kv_group=kv_group,
+  grams = (jnp.concatenate([gq, gk]),) if config["select"] == "index" else (gq, gk)
+  return _factor_call(grams, num_query=gq.shape[0], rank=rank, kv_group=kv_group,
                       num_warps=num_warps, block_d=block_d, interpret=interpret, **config)
 
 
