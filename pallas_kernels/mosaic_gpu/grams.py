@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.experimental.pallas as pl
@@ -76,6 +77,17 @@ def supports(x_shape, dtype, block_rows: int, num_blocks: int | None = None,
   if tiles.smem_bytes(d, jnp.dtype(dtype).itemsize) > SMEM_BYTES:
     return f"{tiles} needs more than {SMEM_BYTES} bytes of shared memory at d={d}"
   return None
+
+
+class _ArrayPlan(NamedTuple):
+  """One array's share of `gram_blocks_multi`'s grid and output."""
+  batch: int
+  heads: int
+  per_head: int          # CTAs per (batch row, head): blocks x splits
+  tiles_per_cta: int
+  first_cta: int
+  first_gram: int        # its first Gram in the stacked output
+  heads_per_gram: int    # `pool`: consecutive heads summed into one Gram
 
 
 def pick_splits(ctas: int, tiles_per_block: int, sm_count: int = SM_COUNT) -> int:
@@ -142,23 +154,22 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   if splits < 1 or any(n % splits for n in tiles_per_block):
     raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
                      f"got {splits}")
-  # Per array: (batch, heads, CTAs per batch-head, tiles per CTA, first CTA, first Gram
-  # in the stacked output).
   plans, first_cta, first_gram = [], 0, 0
   for x, nb, n, p in zip(xs, num_blocks, tiles_per_block, pool):
-    per_head = nb * splits
-    plans.append((x.shape[0], x.shape[2], per_head, n // splits, first_cta, first_gram, p))
-    first_cta += x.shape[0] * x.shape[2] * per_head
+    plans.append(_ArrayPlan(batch=x.shape[0], heads=x.shape[2], per_head=nb * splits,
+                            tiles_per_cta=n // splits, first_cta=first_cta,
+                            first_gram=first_gram, heads_per_gram=p))
+    first_cta += x.shape[0] * x.shape[2] * nb * splits
     first_gram += x.shape[0] * x.shape[2] // p * nb
-  stages = min(tiles.stages, max(p[3] for p in plans))
+  stages = min(tiles.stages, max(p.tiles_per_cta for p in plans))
 
   def one_array(x_ref, out_ref, plan, local, x_smems, gram_smem, loaded, free):
-    _, heads, per_head, tiles_per_cta, _, gram0, heads_per_gram = plan
+    per_head, tiles_per_cta = plan.per_head, plan.tiles_per_cta
     chunk = lax.rem(local, i32(per_head))
     bh = lax.div(local, i32(per_head))
-    bi, hi = lax.div(bh, i32(heads)), lax.rem(bh, i32(heads))
-    bg = lax.div(bh, i32(heads_per_gram))  # (batch row, Gram head), flat
-    gi = lax.div(hi, i32(heads_per_gram))  # the Gram head
+    bi, hi = lax.div(bh, i32(plan.heads)), lax.rem(bh, i32(plan.heads))
+    bg = lax.div(bh, i32(plan.heads_per_gram))  # (batch row, Gram head), flat
+    gi = lax.div(hi, i32(plan.heads_per_gram))  # the Gram head
     block = lax.div(chunk, i32(splits))
     first = chunk * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
     wg = lax.axis_index("wg")
@@ -179,8 +190,8 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       gram_smem[...] = acc
       plgpu.commit_smem()
       # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
-      target = (out_ref.at[gram0 + bg * (per_head // splits) + block] if stacked else
-                out_ref.at[bi, gi, block])
+      target = (out_ref.at[plan.first_gram + bg * (per_head // splits) + block] if stacked
+                else out_ref.at[bi, gi, block])
       plgpu.copy_smem_to_gmem(gram_smem, target, reduction_op="add")
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -197,8 +208,8 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     if stacked:
       out_refs = out_refs * len(xs)
     for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
-      batch, heads, per_head, _, first, _, _ = plan
-      mine = (cta >= first) & (cta < first + batch * heads * per_head)
+      first = plan.first_cta
+      mine = (cta >= first) & (cta < first + plan.batch * plan.heads * plan.per_head)
       pl.when(mine)(functools.partial(one_array, x_ref, out_ref, plan, cta - first,
                                       *scoped))
 
