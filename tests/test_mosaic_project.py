@@ -103,3 +103,42 @@ def test_kernel_matches_xla(x_shape, out_heads, r, dtype):
   _, vjp_ref = jax.vjp(project._project_reference, x, w)
   for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
     assert rel_error(g, g_ref) < 1e-2
+
+
+# Tilings measured by benchmarks/project_tiles.py: fewer slots (two CTAs an SM), one
+# wave, two consumer warpgroups taking alternate tiles (odd tile counts per consumer).
+TILINGS = [project.ProjectTiles(stages=2), project.ProjectTiles(tiles_per_cta=16),
+           project.ProjectTiles(consumers=2), project.ProjectTiles(stages=3, consumers=2),
+           project.ProjectTiles(stages=2, tiles_per_cta=4, consumers=2)]
+
+
+def test_tiles_are_validated():
+  with pytest.raises(ValueError, match="consumers"):
+    project.ProjectTiles(consumers=3)
+  with pytest.raises(ValueError, match="power of two"):
+    project.ProjectTiles(tiles_per_cta=3)
+  x = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="must divide"):
+    project.project_rows(x, jnp.zeros((1, 2, 64, 16)), tiles=project.ProjectTiles(
+        tiles_per_cta=8))
+
+
+@pytest.mark.parametrize("tiles", TILINGS)
+def test_tilings_lower_for_cuda_on_cpu(tiles):
+  args = (jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, 16, 128, 32), jnp.float32))
+  text = lower_for_h100(lambda x, w: project.project_rows(x, w, tiles=tiles), *args)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("tiles", TILINGS)
+@pytest.mark.parametrize("x_shape,out_heads", [((1, 16384, 16, 128), 16),
+                                               ((2, 640, 2, 128), 4)])   # 5 tiles a row
+def test_tilings_match_xla(tiles, x_shape, out_heads):
+  x, w = _inputs(4, x_shape, out_heads, 32, jnp.bfloat16)
+  if x_shape[1] // project.TILE_ROWS % (tiles.tiles_per_cta or 1):
+    pytest.skip("tiles_per_cta does not divide the row tiles")
+  got = project.project_rows(x, w, tiles=tiles)
+  assert rel_error(got, project._project_reference(x, w)) < 2e-3

@@ -19,6 +19,7 @@ Rows must come in whole tiles (`supports`); imports nothing from distrattention_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -36,10 +37,11 @@ STAGES = 4
 SMEM_SLACK = 1024  # barriers and alignment
 
 
-def _max_stages(d: int, r: int, itemsize: int) -> int:
+def _max_stages(d: int, r: int, itemsize: int, consumers: int = 1) -> int:
   """Row-tile slots (up to STAGES) that fit in shared memory beside the map's two parts
-  and the two output staging buffers (d=256, r=64: 2; four asked for 360520 bytes)."""
-  fixed = 2 * r * d * itemsize + 2 * TILE_ROWS * r * itemsize + SMEM_SLACK
+  and two output staging buffers per consumer (d=256, r=64: 2; four asked for 360520
+  bytes)."""
+  fixed = 2 * r * d * itemsize + 2 * consumers * TILE_ROWS * r * itemsize + SMEM_SLACK
   return max(0, min(STAGES, (SMEM_BYTES - fixed) // (TILE_ROWS * d * itemsize)))
 
 
@@ -104,8 +106,29 @@ def _tiles_per_cta(ctas_base: int, num_tiles: int) -> int:
   return per
 
 
-@jax.jit
-def project_rows(x, w):
+@dataclasses.dataclass(frozen=True)
+class ProjectTiles:
+  """Pipeline shape of `project_rows` (None: the kernel's choice).
+
+  stages: row-tile slots in flight (at most what fits in shared memory, `_max_stages`);
+  tiles_per_cta: row tiles per CTA (a power of two; default `_tiles_per_cta`);
+  consumers: consumer warpgroups, taking alternate tiles (1 or 2)."""
+  stages: int | None = None
+  tiles_per_cta: int | None = None
+  consumers: int = 1
+
+  def __post_init__(self):
+    if self.stages is not None and not 1 <= self.stages <= 8:
+      raise ValueError(f"stages must be in [1, 8], got {self.stages}")
+    if self.tiles_per_cta is not None and (
+        self.tiles_per_cta < 1 or self.tiles_per_cta & (self.tiles_per_cta - 1)):
+      raise ValueError(f"tiles_per_cta must be a power of two, got {self.tiles_per_cta}")
+    if self.consumers not in (1, 2):
+      raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
+
+
+@functools.partial(jax.jit, static_argnames=("tiles",))
+def project_rows(x, w, *, tiles: ProjectTiles = ProjectTiles()):
   """`[B, T, Hout, r]` in x's dtype: `x[b, :, h // (Hout / H)] @ w[b, h]` per output head.
 
   x: `[B, T, H, d]` bf16/f16; w: float32 `[B, Hout, d, r]` (`supports`)."""
@@ -117,22 +140,28 @@ def project_rows(x, w):
   fan = out_heads // heads
   dtype = x.dtype
   num_tiles = t // TILE_ROWS
-  per_cta = _tiles_per_cta(batch * out_heads, num_tiles)
-  stages = min(_max_stages(d, r, jnp.dtype(dtype).itemsize), per_cta)
+  consumers = tiles.consumers
+  per_cta = tiles.tiles_per_cta or _tiles_per_cta(batch * out_heads, num_tiles)
+  if num_tiles % per_cta:
+    raise ValueError(f"tiles_per_cta={per_cta} must divide the {num_tiles} row tiles")
+  most = _max_stages(d, r, jnp.dtype(dtype).itemsize, consumers)
+  stages = min(tiles.stages or most, most, per_cta)
+  if stages < 1:
+    raise ValueError(f"project_rows: {tiles} leaves no room for a row tile at d={d}, r={r}")
 
   def kernel(x_ref, w_ref, out_ref, x_smems, w_smem, out_smems, loaded, free, w_loaded):
     ho, ci, bi = (lax.axis_index(n) for n in ("heads", "chunks", "batch"))
     first = ci * per_cta
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 0)
-    def _consumer():
+    def consume(c):  # consumer warpgroup c takes tiles c, c + consumers, ...
       plgpu.barrier_wait(w_loaded)
 
-      @pl.loop(0, per_cta)
-      def _(j):
+      @pl.loop(0, (per_cta - c + consumers - 1) // consumers)
+      def _(k):
+        j = k * consumers + c
         slot = lax.rem(j, i32(stages))
-        buf = lax.rem(j, i32(2))
+        buf = 2 * c + lax.rem(k, i32(2))
         plgpu.barrier_wait(loaded.at[slot])
         y = common.split_map_product(x_smems.at[slot], w_smem, TILE_ROWS, r)  # X_t (hi + lo)
         plgpu.barrier_arrive(free.at[slot])
@@ -144,7 +173,10 @@ def project_rows(x, w):
         plgpu.copy_smem_to_gmem(out_smems.at[buf], out_ref.at[bi, rows, ho])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    @pl.when(wg == 1)
+    for c in range(consumers):
+      pl.when(wg == c)(functools.partial(consume, c))
+
+    @pl.when(wg == consumers)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       for part in range(2):
@@ -158,7 +190,8 @@ def project_rows(x, w):
     scoped = (
         plgpu.SMEM((stages, TILE_ROWS, d), dtype, transforms=common.smem_transforms(d, dtype)),
         plgpu.SMEM((2, r, d), dtype, transforms=common.smem_transforms(d, dtype)),
-        plgpu.SMEM((2, TILE_ROWS, r), dtype, transforms=common.smem_transforms(r, dtype)),
+        plgpu.SMEM((2 * consumers, TILE_ROWS, r), dtype,
+                   transforms=common.smem_transforms(r, dtype)),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2),
@@ -171,7 +204,7 @@ def project_rows(x, w):
       out_type=jax.ShapeDtypeStruct((batch, t, out_heads, r), dtype),
       grid=(out_heads, num_tiles // per_cta, batch),
       grid_names=("heads", "chunks", "batch"),
-      num_threads=2,
+      num_threads=consumers + 1,
       thread_name="wg",
   )(x, split_map(w, dtype))
 
