@@ -21,9 +21,11 @@ from benchmarks import kernel_profile
 from benchmarks import timing
 from pallas_kernels.mosaic_gpu import grams
 
-# (tile rows, stages, splits or None for the kernel's choice); the first is the default.
+# (tile rows, stages, splits or None for the kernel's choice[, consumer warpgroups]); the
+# first is the default. --only picks some by name.
 VARIANTS = ((128, 4, None), (128, 2, None), (128, 5, None), (64, 4, None), (64, 8, None),
-            (256, 2, None), (128, 4, 2), (128, 4, 8))
+            (256, 2, None), (128, 4, 2), (128, 4, 8),
+            (128, 4, None, 2), (128, 3, None, 2), (256, 2, None, 2), (64, 8, None, 2))
 CONTIGUOUS = ((128, 4), (256, 2))
 
 
@@ -40,18 +42,24 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--tag", default="")
   p.add_argument("--out-dir", default="benchmarks/results")
+  p.add_argument("--only", default="", help="comma-separated variant names")
+  p.add_argument("--no-contiguous", action="store_true")
   args = p.parse_args(argv)
+  only = set(filter(None, args.only.split(",")))
   q, k, _ = timing.make_inputs(1, 16384, 16384, 16, 128, jnp.bfloat16, 1)[0]
   rows = {}
-  for rows_, stages, splits in VARIANTS:
-    name = f"t{rows_}-s{stages}-sp{splits}"
+  for rows_, stages, splits, *consumers in VARIANTS:
+    consumers = consumers[0] if consumers else 1
+    name = f"t{rows_}-s{stages}-sp{splits}" + (f"-c{consumers}" if consumers > 1 else "")
+    if only and name not in only:
+      continue
     try:
-      rows[name] = _time(q, k, grams.GramTiles(rows_, stages), splits)
+      rows[name] = _time(q, k, grams.GramTiles(rows_, stages, consumers), splits)
     except Exception as e:  # noqa: BLE001  (a tiling that does not fit: recorded)
       rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     print(name, rows[name], flush=True)
   qc, kc = (jnp.transpose(x, (0, 2, 1, 3)).reshape(16, 16384, 1, 128) for x in (q, k))
-  for rows_, stages in CONTIGUOUS:
+  for rows_, stages in () if args.no_contiguous else CONTIGUOUS:
     name = f"contiguous-t{rows_}-s{stages}"
     rows[name] = _time(qc, kc, grams.GramTiles(rows_, stages), None)
     print(name, rows[name], flush=True)

@@ -171,3 +171,35 @@ def test_kernel_path_only_on_hopper(monkeypatch):
   x = _x(7, (1, 256, 2, 64), jnp.bfloat16)
   (got,) = prep.head_grams_multi([(x, 256, None)], kernel=True)
   np.testing.assert_allclose(got, _einsum_grams(x, 256), rtol=1e-5, atol=1e-3)
+
+
+TWO_CONSUMERS = grams.GramTiles(consumers=2)   # each warpgroup 64 rows of a d=128 Gram
+
+
+def test_two_consumers_need_64_gram_rows_each():
+  with pytest.raises(ValueError, match="consumers"):
+    grams.GramTiles(consumers=3)
+  assert "64 or more Gram rows" in grams.supports((1, 1024, 4, 64), jnp.bfloat16, 1024,
+                                                  tiles=TWO_CONSUMERS)
+  assert grams.supports((1, 1024, 4, 128), jnp.bfloat16, 1024, tiles=TWO_CONSUMERS) is None
+
+
+def test_two_consumers_lower_for_cuda_on_cpu():
+  text = lower_for_h100(
+      lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
+                                           num_blocks=(1, 1), stacked=True,
+                                           tiles=TWO_CONSUMERS),
+      jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16),
+      jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16))
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_two_consumers_match_einsum():
+  q = _x(7, (1, 16384, 16, 128), jnp.bfloat16)
+  k = _x(8, (2, 1096, 2, 128), jnp.bfloat16)
+  gq, gk = grams.gram_blocks_multi((q, k), block_rows=(16384, 1024), num_blocks=(1, 1),
+                                   tiles=TWO_CONSUMERS)
+  assert _rel(gq, _einsum_grams(q, 16384)) < 1e-5
+  assert _rel(gk, _einsum_grams(k[:, :1024], 4096)) < 1e-5

@@ -42,11 +42,16 @@ HEAD_DIMS = (64, 128)  # wgmma M = d must be a multiple of 64; d=256's [d, d] fl
 
 @dataclasses.dataclass(frozen=True)
 class GramTiles:
-  """tile_rows: rows per streamed tile (the wgmma contraction); stages: slots in flight."""
+  """tile_rows: rows per streamed tile (the wgmma contraction); stages: slots in flight;
+  consumers: warpgroups sharing each tile's product, each `d / consumers` rows of the
+  Gram (1, or 2 at d=128)."""
   tile_rows: int = 128
   stages: int = 4
+  consumers: int = 1
 
   def __post_init__(self):
+    if self.consumers not in (1, 2):
+      raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
     if self.tile_rows % 64 or not 64 <= self.tile_rows <= 256:
       raise ValueError(f"tile_rows must be 64, 128, 192 or 256, got {self.tile_rows}")
     if not 1 <= self.stages <= 8:
@@ -74,6 +79,8 @@ def supports(x_shape, dtype, block_rows: int, num_blocks: int | None = None,
     return f"block_rows={block_rows} must be a positive multiple of tile_rows={tiles.tile_rows}"
   if num_blocks < 1 or num_blocks * block_rows > t:
     return f"{num_blocks} blocks of {block_rows} rows do not fit in T={t} rows"
+  if tiles.consumers > 1 and d // tiles.consumers < 64:
+    return f"{tiles.consumers} consumers at d={d}: each needs 64 or more Gram rows"
   if tiles.smem_bytes(d, jnp.dtype(dtype).itemsize) > SMEM_BYTES:
     return f"{tiles} needs more than {SMEM_BYTES} bytes of shared memory at d={d}"
   return None
@@ -162,6 +169,8 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     first_cta += x.shape[0] * x.shape[2] * nb * splits
     first_gram += x.shape[0] * x.shape[2] // p * nb
   stages = min(tiles.stages, max(p.tiles_per_cta for p in plans))
+  consumers = tiles.consumers
+  dm = d // consumers
 
   def one_array(x_ref, out_ref, plan, local, x_smems, gram_smem, loaded, free):
     per_head, tiles_per_cta = plan.per_head, plan.tiles_per_cta
@@ -174,28 +183,35 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     first = chunk * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 0)
-    def _consumer():
+    def consume(c):  # rows [c * dm, (c + 1) * dm) of the Gram
+      rows = pl.ds(c * dm, dm)
+
       def step(j, acc):
         slot = lax.rem(j, i32(stages))
         plgpu.barrier_wait(loaded.at[slot])
 
-        def gram(acc_ref):  # acc += X_t^T X_t  ([d, d], contracted over the tile's rows)
-          plgpu.wgmma(acc_ref, x_smems.at[slot].T, x_smems.at[slot])
+        def gram(acc_ref):  # acc += X_t^T X_t  ([dm, d], contracted over the tile's rows)
+          lhs = x_smems.at[slot].T if consumers == 1 else x_smems.at[slot, :, rows].T
+          plgpu.wgmma(acc_ref, lhs, x_smems.at[slot])
         acc = pl.run_state(gram)(plgpu.ACC.init(acc))  # reading it waits for the wgmma
         plgpu.barrier_arrive(free.at[slot])
         return acc
 
-      acc = lax.fori_loop(0, tiles_per_cta, step, common.zeros_acc((d, d)))
-      gram_smem[...] = acc
+      acc = lax.fori_loop(0, tiles_per_cta, step, common.zeros_acc((dm, d)))
+      source = gram_smem if consumers == 1 else gram_smem.at[rows]
+      source[...] = acc
       plgpu.commit_smem()
       # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
       target = (out_ref.at[plan.first_gram + bg * (per_head // splits) + block] if stacked
                 else out_ref.at[bi, gi, block])
-      plgpu.copy_smem_to_gmem(gram_smem, target, reduction_op="add")
+      plgpu.copy_smem_to_gmem(source, target if consumers == 1 else target.at[rows],
+                              reduction_op="add")
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    @pl.when(wg == 1)
+    for c in range(consumers):
+      pl.when(wg == c)(functools.partial(consume, c))
+
+    @pl.when(wg == consumers)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(i * tile_rows, tile_rows), hi],),
@@ -219,7 +235,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
             plgpu.SMEM((d, d), jnp.float32))
     pl.run_scoped(lambda *scoped: kernel(refs, scoped), *smem,
                   plgpu.Barrier(num_barriers=stages),
-                  plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                  plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
                   collective_axes="wg")
 
   if stacked:
@@ -232,7 +248,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       out_type=(),
       grid=(first_cta,),
       grid_names=("cta",),
-      num_threads=2,
+      num_threads=consumers + 1,
       thread_name="wg",
   )(*xs, *outs)
   if stacked:
