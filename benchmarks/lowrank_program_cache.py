@@ -39,6 +39,8 @@ import numpy as np
 from benchmarks import kernel_profile
 from benchmarks import lowrank_kernel_variants as lkv
 from benchmarks import timing
+from pallas_kernels.mosaic_gpu import grams
+from pallas_kernels.mosaic_gpu import project
 from pallas_kernels.triton import lowrank_factor as lf
 
 ORIG = lf.factor_pair
@@ -119,6 +121,19 @@ CASES = {
     # the program shipped until the tenth session (straight-line, TF32x3 orthonormalisations)
     "previous": ({"form": "unrolled", **TF32X3_ORTH}, ORIG),
 }
+# Eleventh session: the shipped program with other pipelines for the Gram kernel and the
+# K_fused projection (`grams.TILES`, `project.TILES` swapped), for --in-call only.
+TILE_CASES = {
+    "gram_c2": {"gram": grams.GramTiles(consumers=2)},
+    "proj_s2": {"proj": project.ProjectTiles(stages=2)},
+    "proj_c2": {"proj": project.ProjectTiles(consumers=2)},
+    "proj_t16": {"proj": project.ProjectTiles(tiles_per_cta=16)},
+    "proj_s2_c2": {"proj": project.ProjectTiles(stages=2, consumers=2)},
+    "gram_c2_proj_c2": {"gram": grams.GramTiles(consumers=2),
+                        "proj": project.ProjectTiles(consumers=2)},
+    "gram_c2_proj_s2": {"gram": grams.GramTiles(consumers=2),
+                        "proj": project.ProjectTiles(stages=2)},
+}
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
 
@@ -161,8 +176,12 @@ def in_call(names, calls=10):
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
   stacked = prep.stacked_head_grams
   for n in names:
-    kwargs, impl = CASES[n]
-    if n != "default":
+    kwargs, impl = CASES.get(n, ({}, ORIG))
+    tiles = TILE_CASES.get(n, {})
+    grams.TILES = tiles.get("gram", grams.GramTiles())
+    project.TILES = tiles.get("proj", project.ProjectTiles())
+    jax.clear_caches()  # the kernels' jit caches hold the previous case's tiling
+    if n != "default" and n not in TILE_CASES:
       # The variants run through factor_grams_kernel (patched here), so the Grams come as
       # two arrays (one concatenation where the variant reads them by index); "default"
       # is the shipped path: the Gram kernel writes one array, no XLA op between.
@@ -187,6 +206,7 @@ def in_call(names, calls=10):
     finally:
       lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
       prep.stacked_head_grams = stacked
+      grams.TILES, project.TILES = grams.GramTiles(), project.ProjectTiles()
     print("in call", n, {k: round(v, 5) if isinstance(v, float) else v
                          for k, v in rows[n].items()}, flush=True)
   return rows
@@ -210,8 +230,9 @@ def main(argv=None):
     return child(args.child)
   names = [n for n in args.only.split(",") if n]
   unknown = [n for n in names if n not in CASES]
+  unknown += [n for n in args.in_call.split(",") if n and n not in CASES | TILE_CASES]
   if unknown:
-    raise ValueError(f"unknown cases {unknown}; known: {sorted(CASES)}")
+    raise ValueError(f"unknown cases {unknown}; known: {sorted(CASES | TILE_CASES)}")
   env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   procs = {n: subprocess.Popen([sys.executable, "-m", "benchmarks.lowrank_program_cache",

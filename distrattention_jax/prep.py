@@ -134,7 +134,7 @@ def _kernel_rows(x, block_q, mosaic_grams):
   """(block_rows, num_blocks) of the rows the Mosaic kernel takes: whole tiles of the one
   block (block_q >= T), or the whole blocks; None where it takes none."""
   t = x.shape[1]
-  tile = mosaic_grams.GramTiles().tile_rows
+  tile = mosaic_grams.TILES.tile_rows
   one_block = block_q >= t
   block_rows = (t // tile) * tile if one_block else block_q
   num_blocks = 1 if one_block else t // block_q

@@ -123,8 +123,26 @@ def test_gram_tiles_variants_are_supported_tilings():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from benchmarks import gram_tiles
   from pallas_kernels.mosaic_gpu import grams
-  for rows, stages, splits in gram_tiles.VARIANTS:
-    tiles = grams.GramTiles(rows, stages)
+  for rows, stages, splits, *consumers in gram_tiles.VARIANTS:
+    tiles = grams.GramTiles(rows, stages, *consumers)
     assert grams.supports((1, 16384, 16, 128), jnp.bfloat16, 16384, 1, tiles) is None
     assert splits is None or (16384 // rows) % splits == 0
-  assert gram_tiles.VARIANTS[0][:2] == (grams.GramTiles().tile_rows, grams.GramTiles().stages)
+  assert gram_tiles.VARIANTS[0][:2] == (grams.TILES.tile_rows, grams.TILES.stages)
+
+
+def test_project_tiles_variants_are_supported():
+  """Likewise for the K_fused projection's pipeline benchmark (and the in-call tile cases
+  of lowrank_program_cache): every shape lowers for an H100 at the benchmark's size."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import lowrank_program_cache, project_tiles
+  from pallas_kernels.mosaic_gpu import project
+  from conftest import lower_for_h100
+  shapes = {project.ProjectTiles(*v) for v in project_tiles.VARIANTS}
+  shapes |= {c["proj"] for c in lowrank_program_cache.TILE_CASES.values() if "proj" in c}
+  assert project_tiles.VARIANTS[0] == (None, None, 1)
+  for tiles in shapes:
+    text = lower_for_h100(lambda x, w, tiles=tiles: project.project_rows(x, w, tiles=tiles),
+                          jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16),
+                          jax.ShapeDtypeStruct((1, 16, 128, 32), jnp.float32))
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

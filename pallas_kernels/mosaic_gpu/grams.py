@@ -61,10 +61,15 @@ class GramTiles:
     return self.stages * self.tile_rows * d * itemsize + d * d * 4
 
 
+# The tiling callers get (tiles=None); a module attribute so a benchmark can swap it.
+TILES = GramTiles()
+
+
 def supports(x_shape, dtype, block_rows: int, num_blocks: int | None = None,
-             tiles: GramTiles = GramTiles()) -> str | None:
+             tiles: GramTiles | None = None) -> str | None:
   """None if `gram_blocks` takes `x [B, T, H, d]` with `num_blocks` blocks of
   `block_rows` rows, else the reason."""
+  tiles = TILES if tiles is None else tiles
   if len(x_shape) != 4:
     return f"x must be [B, T, H, d], got shape {tuple(x_shape)}"
   _, t, _, d = x_shape
@@ -108,7 +113,7 @@ def pick_splits(ctas: int, tiles_per_block: int, sm_count: int = SM_COUNT) -> in
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "num_blocks", "splits", "tiles"))
 def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
-                splits: int | None = None, tiles: GramTiles = GramTiles()):
+                splits: int | None = None, tiles: GramTiles | None = None):
   """float32 `[B, H, nb, d, d]`: `X_b^T X_b` per head and block of rows.
 
   x: `[B, T, H, d]` bf16/f16 (`supports`); block b is rows `[b * block_rows, (b + 1) *
@@ -125,7 +130,7 @@ def gram_blocks(x, *, block_rows: int, num_blocks: int | None = None,
                    static_argnames=("block_rows", "num_blocks", "splits", "tiles", "stacked",
                                     "pool"))
 def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int, ...],
-                      splits: int | None = None, tiles: GramTiles = GramTiles(),
+                      splits: int | None = None, tiles: GramTiles | None = None,
                       stacked: bool = False, pool: tuple[int, ...] | None = None):
   """`gram_blocks` of several arrays (e.g. Q and K) in one launch: a tuple of float32
   `[B_i, H_i, nb_i, d, d]`. Every x_i shares d and the dtype; CTAs [0, n_0) take x_0,
@@ -140,6 +145,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   array i then has `H_i / pool_i` heads of Grams. Default 1 each.
   """
   xs = tuple(xs)
+  tiles = TILES if tiles is None else tiles
   pool = (1,) * len(xs) if pool is None else tuple(pool)
   if not (len(xs) == len(block_rows) == len(num_blocks) == len(pool)) or not xs:
     raise ValueError("xs, block_rows, num_blocks and pool must have one entry per array")

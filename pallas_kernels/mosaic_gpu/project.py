@@ -127,8 +127,12 @@ class ProjectTiles:
       raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
 
 
+# The pipeline callers get (tiles=None); a module attribute so a benchmark can swap it.
+TILES = ProjectTiles()
+
+
 @functools.partial(jax.jit, static_argnames=("tiles",))
-def project_rows(x, w, *, tiles: ProjectTiles = ProjectTiles()):
+def project_rows(x, w, *, tiles: ProjectTiles | None = None):
   """`[B, T, Hout, r]` in x's dtype: `x[b, :, h // (Hout / H)] @ w[b, h]` per output head.
 
   x: `[B, T, H, d]` bf16/f16; w: float32 `[B, Hout, d, r]` (`supports`)."""
@@ -140,6 +144,7 @@ def project_rows(x, w, *, tiles: ProjectTiles = ProjectTiles()):
   fan = out_heads // heads
   dtype = x.dtype
   num_tiles = t // TILE_ROWS
+  tiles = TILES if tiles is None else tiles
   consumers = tiles.consumers
   per_cta = tiles.tiles_per_cta or _tiles_per_cta(batch * out_heads, num_tiles)
   if num_tiles % per_cta:
