@@ -133,6 +133,12 @@ TILE_CASES = {
                         "proj": project.ProjectTiles(consumers=2)},
     "gram_c2_proj_s2": {"gram": grams.GramTiles(consumers=2),
                         "proj": project.ProjectTiles(stages=2)},
+    # the Gram kernel reads each CTA's rows backwards: K_fused's first tiles are in the L2
+    "gram_rev": {"gram": grams.GramTiles(reverse=True)},
+    "gram_rev_proj_t16": {"gram": grams.GramTiles(reverse=True),
+                          "proj": project.ProjectTiles(tiles_per_cta=16)},
+    "gram_rev_c2_proj_t16": {"gram": grams.GramTiles(consumers=2, reverse=True),
+                             "proj": project.ProjectTiles(tiles_per_cta=16)},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

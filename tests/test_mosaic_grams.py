@@ -184,11 +184,11 @@ def test_two_consumers_need_64_gram_rows_each():
   assert grams.supports((1, 1024, 4, 128), jnp.bfloat16, 1024, tiles=TWO_CONSUMERS) is None
 
 
-def test_two_consumers_lower_for_cuda_on_cpu():
+@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True)])
+def test_other_tilings_lower_for_cuda_on_cpu(tiles):
   text = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
-                                           num_blocks=(1, 1), stacked=True,
-                                           tiles=TWO_CONSUMERS),
+                                           num_blocks=(1, 1), stacked=True, tiles=tiles),
       jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16),
       jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
@@ -196,10 +196,12 @@ def test_two_consumers_lower_for_cuda_on_cpu():
 
 @pytest.mark.gpu
 @requires_gpu
-def test_two_consumers_match_einsum():
+@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(reverse=True),
+                                   grams.GramTiles(consumers=2, reverse=True)])
+def test_other_tilings_match_einsum(tiles):
   q = _x(7, (1, 16384, 16, 128), jnp.bfloat16)
   k = _x(8, (2, 1096, 2, 128), jnp.bfloat16)
   gq, gk = grams.gram_blocks_multi((q, k), block_rows=(16384, 1024), num_blocks=(1, 1),
-                                   tiles=TWO_CONSUMERS)
+                                   tiles=tiles)
   assert _rel(gq, _einsum_grams(q, 16384)) < 1e-5
   assert _rel(gk, _einsum_grams(k[:, :1024], 4096)) < 1e-5

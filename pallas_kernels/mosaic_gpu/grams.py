@@ -44,10 +44,13 @@ HEAD_DIMS = (64, 128)  # wgmma M = d must be a multiple of 64; d=256's [d, d] fl
 class GramTiles:
   """tile_rows: rows per streamed tile (the wgmma contraction); stages: slots in flight;
   consumers: warpgroups sharing each tile's product, each `d / consumers` rows of the
-  Gram (1, or 2 at d=128)."""
+  Gram (1, or 2 at d=128); reverse: each CTA streams its rows last tile first, so the
+  rows left in the L2 at the end are the start of each CTA's range (where the K_fused
+  projection's CTAs begin reading; the sum is the same up to rounding order)."""
   tile_rows: int = 128
   stages: int = 4
   consumers: int = 1
+  reverse: bool = False
 
   def __post_init__(self):
     if self.consumers not in (1, 2):
@@ -220,7 +223,12 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     @pl.when(wg == consumers)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(i * tile_rows, tile_rows), hi],),
+      if tiles.reverse:  # tile i of first .. first + n - 1 reads tile 2 first + n - 1 - i
+        row_tile = lambda i: 2 * first + tiles_per_cta - 1 - i  # noqa: E731
+      else:
+        row_tile = lambda i: i  # noqa: E731
+      common.stream_tiles(lambda i: (x_ref.at[bi, pl.ds(row_tile(i) * tile_rows, tile_rows),
+                                               hi],),
                           (x_smems,), (loaded,), (free,), num_tiles=tiles_per_cta,
                           stages=min(stages, tiles_per_cta), first=first)
 
