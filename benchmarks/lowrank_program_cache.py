@@ -213,8 +213,11 @@ def in_call(names, calls=10):
       lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
       prep.stacked_head_grams = stacked
       grams.TILES, project.TILES = grams.GramTiles(), project.ProjectTiles()
-    print("in call", n, {k: round(v, 5) if isinstance(v, float) else v
-                         for k, v in rows[n].items()}, flush=True)
+    short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
+                       {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
+                       if isinstance(v, dict) else v)
+    print("in call", n, {k: short(v) for k, v in rows[n].items()
+                         if k not in ("busy_ms", "attention_ms")}, flush=True)
   return rows
 
 

@@ -4,7 +4,7 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|prepass|rescale|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|prepass|tiles|rescale|all]
 # Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
 # prints its whole module, which would fill a device call's output).
 set -uo pipefail
@@ -50,6 +50,24 @@ if [ "$what" = prepass ]; then
   timeout 200 python -m benchmarks.lowrank_program_cache --only default,previous \
     --in-call default,previous --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | cut -c1-400 | tail -8
+fi
+if [ "$what" = tiles ]; then
+  # The Gram kernel's and the K_fused projection's pipelines (eleventh session): each
+  # kernel alone, then the shipped pre-pass with each swapped in, inside the end-to-end
+  # call against cuDNN (B=1, H=16, N=16384, d=128, G=4), then their GPU parity tests.
+  tag="${TAG:-}"
+  timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" 2>&1 \
+    | grep -v Warn | cut -c1-220
+  timeout 70 python -m benchmarks.gram_tiles --no-contiguous --tag="$tag" --out-dir "$out" \
+    --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
+    | grep -v Warn | cut -c1-220
+  timeout 240 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
+    --in-call default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2,gram_c2,gram_c2_proj_c2,gram_rev_c2_proj_t16 \
+    --out-dir "$out" > "$out/prepass.log" 2>&1
+  grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
+  timeout 150 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
+    tests/test_mosaic_grams.py > "$out/tiles-tests.log" 2>&1
+  grep -E "passed|failed|^FAILED|^ERROR" "$out/tiles-tests.log" | cut -c1-200 | tail -20
 fi
 if [ "$what" = prep ]; then
   # Kernel alone vs end to end (greedy, lowrank) against cuDNN, one timing method; each
