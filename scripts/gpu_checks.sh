@@ -58,14 +58,15 @@ if [ "$what" = tiles ]; then
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" 2>&1 \
     | grep -v Warn | cut -c1-220
-  timeout 70 python -m benchmarks.gram_tiles --no-contiguous --tag="$tag" --out-dir "$out" \
+  [ -n "${GRAM_TILES:-}" ] && timeout 70 python -m benchmarks.gram_tiles --no-contiguous \
+    --tag="$tag" --out-dir "$out" \
     --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
     | grep -v Warn | cut -c1-220
-  timeout 240 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
-    --in-call default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2,gram_c2,gram_c2_proj_c2,gram_rev_c2_proj_t16 \
+  timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
+    --in-call "${IN_CALL:-default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2,gram_c2}" \
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
-  timeout 150 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
+  timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
     tests/test_mosaic_grams.py > "$out/tiles-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/tiles-tests.log" | cut -c1-200 | tail -20
 fi
