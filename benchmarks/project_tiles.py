@@ -37,7 +37,9 @@ def main(argv=None):
   p.add_argument("--tag", default="")
   p.add_argument("--out-dir", default="benchmarks/results")
   p.add_argument("--calls", type=int, default=20)
+  p.add_argument("--only", default="", help="comma-separated variant names (s2-tNone-c1 ...)")
   args = p.parse_args(argv)
+  only = set(filter(None, args.only.split(",")))
   _, k, _ = timing.make_inputs(1, 16384, 16384, 16, 128, jnp.bfloat16, 1)[0]
   w = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 128, 32)) / 8,
                   jnp.float32)
@@ -45,6 +47,8 @@ def main(argv=None):
   rows = {}
   for stages, per_cta, consumers in VARIANTS:
     name = f"s{stages}-t{per_cta}-c{consumers}"
+    if only and name not in only:
+      continue
     tiles = project.ProjectTiles(stages, per_cta, consumers)
     try:
       got = project.project_rows(k, w, tiles=tiles).astype(jnp.float32)

@@ -56,7 +56,8 @@ if [ "$what" = tiles ]; then
   # kernel alone, then the shipped pre-pass with each swapped in, inside the end-to-end
   # call against cuDNN (B=1, H=16, N=16384, d=128, G=4), then their GPU parity tests.
   tag="${TAG:-}"
-  timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" 2>&1 \
+  timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
+    --only "${PROJ_ONLY:-}" 2>&1 \
     | grep -v Warn | cut -c1-220
   [ -n "${GRAM_TILES:-}" ] && timeout 70 python -m benchmarks.gram_tiles --no-contiguous \
     --tag="$tag" --out-dir "$out" \
@@ -67,7 +68,7 @@ if [ "$what" = tiles ]; then
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
   timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
-    tests/test_mosaic_grams.py > "$out/tiles-tests.log" 2>&1
+    tests/test_mosaic_grams.py -k "${TESTS_K:-tilings or match}" > "$out/tiles-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/tiles-tests.log" | cut -c1-200 | tail -20
 fi
 if [ "$what" = prep ]; then
