@@ -124,21 +124,31 @@ CASES = {
 # Eleventh session: the shipped program with other pipelines for the Gram kernel and the
 # K_fused projection (`grams.TILES`, `project.TILES` swapped), for --in-call only.
 TILE_CASES = {
-    "gram_c2": {"gram": grams.GramTiles(consumers=2)},
-    "proj_s2": {"proj": project.ProjectTiles(stages=2)},
-    "proj_c2": {"proj": project.ProjectTiles(consumers=2)},
-    "proj_t16": {"proj": project.ProjectTiles(tiles_per_cta=16)},
-    "proj_s2_c2": {"proj": project.ProjectTiles(stages=2, consumers=2)},
-    "gram_c2_proj_c2": {"gram": grams.GramTiles(consumers=2),
-                        "proj": project.ProjectTiles(consumers=2)},
-    "gram_c2_proj_s2": {"gram": grams.GramTiles(consumers=2),
-                        "proj": project.ProjectTiles(stages=2)},
+    # (as measured in run s11r1, when the defaults were reverse=False and 8 tiles a CTA)
+    "gram_c2": {"gram": grams.GramTiles(consumers=2, reverse=False),
+                "proj": project.ProjectTiles(tiles_per_cta=8)},
+    "proj_s2": {"gram": grams.GramTiles(reverse=False),
+                "proj": project.ProjectTiles(stages=2, tiles_per_cta=8)},
+    "proj_c2": {"gram": grams.GramTiles(reverse=False),
+                "proj": project.ProjectTiles(consumers=2, tiles_per_cta=8)},
+    "proj_t16": {"gram": grams.GramTiles(reverse=False),
+                 "proj": project.ProjectTiles(tiles_per_cta=16)},
+    "proj_s2_c2": {"gram": grams.GramTiles(reverse=False),
+                   "proj": project.ProjectTiles(stages=2, consumers=2, tiles_per_cta=8)},
+    "gram_c2_proj_c2": {"gram": grams.GramTiles(consumers=2, reverse=False),
+                        "proj": project.ProjectTiles(consumers=2, tiles_per_cta=8)},
+    "gram_c2_proj_s2": {"gram": grams.GramTiles(consumers=2, reverse=False),
+                        "proj": project.ProjectTiles(stages=2, tiles_per_cta=8)},
     # the Gram kernel reads each CTA's rows backwards: K_fused's first tiles are in the L2
-    "gram_rev": {"gram": grams.GramTiles(reverse=True)},
+    "gram_rev": {"gram": grams.GramTiles(reverse=True),
+                 "proj": project.ProjectTiles(tiles_per_cta=8)},
     "gram_rev_proj_t16": {"gram": grams.GramTiles(reverse=True),
                           "proj": project.ProjectTiles(tiles_per_cta=16)},
     "gram_rev_c2_proj_t16": {"gram": grams.GramTiles(consumers=2, reverse=True),
                              "proj": project.ProjectTiles(tiles_per_cta=16)},
+    # the pipelines shipped until the eleventh session (now the defaults are gram_rev_proj_t16)
+    "tiles_s10": {"gram": grams.GramTiles(reverse=False),
+                  "proj": project.ProjectTiles(tiles_per_cta=8)},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
