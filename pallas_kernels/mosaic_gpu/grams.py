@@ -9,9 +9,11 @@ HBM speed instead:
 * one CTA per (batch row, head, row block, split): `splits` CTAs share a row block so
   that even B * H = 16 Grams fill the GPU's SMs (one wave);
 * a TMA producer warpgroup streams `[tile_rows, d]` tiles of the head's rows (strided
-  BTNH rows, no transpose in HBM) through `stages` shared-memory slots;
-* one consumer warpgroup accumulates `X_t^T X_t` with wgmma (the tile read transposed
-  as the left operand: bf16/f16 products, exact in the float32 accumulator);
+  BTNH rows, no transpose in HBM) through `stages` shared-memory slots, last tile first
+  (`GramTiles.reverse`: the rows left in the L2 are where the K_fused projection starts);
+* one consumer warpgroup (or two, each half the Gram's rows) accumulates `X_t^T X_t`
+  with wgmma (the tile read transposed as the left operand: bf16/f16 products, exact in
+  the float32 accumulator);
 * the CTA's partial `[d, d]` is added into the zero-initialised output by a TMA
   reduce-add, so the splits need no reduction kernel.
 

@@ -5,10 +5,11 @@ batched GEMM per batch row on the BTNH layout, then stacks the rows (a copy of t
 output at B > 1: 0.055 ms for K at B=4, H=16, N=16384, d=128 on an H100, 2026-12-06).
 This kernel writes the BTNH output in place:
 
-* one CTA per (output head, run of `tiles_per_cta` row tiles, batch row);
+* one CTA per (output head, run of `tiles_per_cta` row tiles, batch row), one wave;
 * a TMA producer warpgroup streams `[tile_rows, d]` tiles of the head's rows (GQA: output
   head h reads input head `h // (Hk / H)`) through `stages` shared-memory slots;
-* one consumer warpgroup multiplies each tile by the map held in shared memory, as a
+* one consumer warpgroup (`ProjectTiles.consumers`: or two, taking alternate tiles)
+  multiplies each tile by the map held in shared memory, as a
   high and a low part in the input dtype (`W ~ hi + lo`, ~16 bits of the float32 map,
   two wgmmas into one float32 accumulator), rounds to the input dtype (as XLA's float32
   product then cast) and stores the `[tile_rows, r]` tile by TMA from one of two
