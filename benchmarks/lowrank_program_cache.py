@@ -146,6 +146,8 @@ TILE_CASES = {
                           "proj": project.ProjectTiles(tiles_per_cta=16)},
     "gram_rev_c2_proj_t16": {"gram": grams.GramTiles(consumers=2, reverse=True),
                              "proj": project.ProjectTiles(tiles_per_cta=16)},
+    # two Gram consumer warpgroups with the eleventh session's defaults (not yet timed)
+    "gram_c2_rev": {"gram": grams.GramTiles(consumers=2)},
     # the pipelines shipped until the eleventh session (now the defaults are gram_rev_proj_t16)
     "tiles_s10": {"gram": grams.GramTiles(reverse=False),
                   "proj": project.ProjectTiles(tiles_per_cta=8)},

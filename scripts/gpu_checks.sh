@@ -55,6 +55,9 @@ if [ "$what" = tiles ]; then
   # The Gram kernel's and the K_fused projection's pipelines (eleventh session): each
   # kernel alone, then the shipped pre-pass with each swapped in, inside the end-to-end
   # call against cuDNN (B=1, H=16, N=16384, d=128, G=4), then their GPU parity tests.
+  # Run s11r1 was: TAG=-s11r1 IN_CALL=default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2
+  # PROJ_ONLY=sNone-tNone-c1,s2-tNone-c1,s4-t16-c1,sNone-tNone-c2,s2-tNone-c2,s2-t16-c2
+  # TESTS_K=tilings (the defaults then: Gram rows forward, two-wave K_fused).
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
     --only "${PROJ_ONLY:-}" 2>&1 \
@@ -64,7 +67,7 @@ if [ "$what" = tiles ]; then
     --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
     | grep -v Warn | cut -c1-220
   timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
-    --in-call "${IN_CALL:-default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2,gram_c2}" \
+    --in-call "${IN_CALL:-default,tiles_s10,gram_c2_rev}" \
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
   timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
