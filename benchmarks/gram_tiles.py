@@ -33,9 +33,7 @@ def _time(q, k, tiles, splits, calls=20):
   n = q.shape[1]
   fn = jax.jit(lambda q, k: grams.gram_blocks_multi(
       (q, k), block_rows=(n, n), num_blocks=(1, 1), splits=splits, tiles=tiles))
-  jax.block_until_ready(fn(q, k))
-  totals, _ = kernel_profile.device_kernel_times(fn, (q, k), calls)
-  return {name: ns / calls / 1e6 for name, ns in totals.items()}
+  return kernel_profile.kernel_ms_per_call(fn, (q, k), calls)
 
 
 def main(argv=None):

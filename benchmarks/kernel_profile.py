@@ -62,6 +62,13 @@ def device_kernel_times(fn, args, calls):
   return totals, lines
 
 
+def kernel_ms_per_call(fn, args, calls=20):
+  """{kernel name: GPU ms per call} of `fn(*args)`, after one warm-up call (compile)."""
+  jax.block_until_ready(fn(*args))
+  totals, _ = device_kernel_times(fn, args, calls)
+  return {name: ns / calls / 1e6 for name, ns in totals.items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--n", type=int, default=16384)

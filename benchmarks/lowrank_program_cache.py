@@ -24,6 +24,7 @@ where the case reads them by index).
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -122,26 +123,24 @@ CASES = {
     "previous": ({"form": "unrolled", **TF32X3_ORTH}, ORIG),
 }
 # Eleventh session: the shipped program with other pipelines for the Gram kernel and the
-# K_fused projection (`grams.TILES`, `project.TILES` swapped), for --in-call only.
+# K_fused projection (`grams.TILES`, `project.TILES` swapped), for --in-call only. The
+# cases of run s11r1 pin the pipelines that were the defaults then (`S10_GRAM`: rows read
+# forward; `S10_PROJ`: 8 row tiles a CTA, two waves); `tiles_s10` is that pair.
+S10_GRAM = grams.GramTiles(reverse=False)
+S10_PROJ = project.ProjectTiles(tiles_per_cta=8)
 TILE_CASES = {
-    # (as measured in run s11r1, when the defaults were reverse=False and 8 tiles a CTA)
-    "gram_c2": {"gram": grams.GramTiles(consumers=2, reverse=False),
-                "proj": project.ProjectTiles(tiles_per_cta=8)},
-    "proj_s2": {"gram": grams.GramTiles(reverse=False),
-                "proj": project.ProjectTiles(stages=2, tiles_per_cta=8)},
-    "proj_c2": {"gram": grams.GramTiles(reverse=False),
-                "proj": project.ProjectTiles(consumers=2, tiles_per_cta=8)},
-    "proj_t16": {"gram": grams.GramTiles(reverse=False),
-                 "proj": project.ProjectTiles(tiles_per_cta=16)},
-    "proj_s2_c2": {"gram": grams.GramTiles(reverse=False),
-                   "proj": project.ProjectTiles(stages=2, consumers=2, tiles_per_cta=8)},
-    "gram_c2_proj_c2": {"gram": grams.GramTiles(consumers=2, reverse=False),
-                        "proj": project.ProjectTiles(consumers=2, tiles_per_cta=8)},
-    "gram_c2_proj_s2": {"gram": grams.GramTiles(consumers=2, reverse=False),
-                        "proj": project.ProjectTiles(stages=2, tiles_per_cta=8)},
+    "gram_c2": {"gram": dataclasses.replace(S10_GRAM, consumers=2), "proj": S10_PROJ},
+    "proj_s2": {"gram": S10_GRAM, "proj": dataclasses.replace(S10_PROJ, stages=2)},
+    "proj_c2": {"gram": S10_GRAM, "proj": dataclasses.replace(S10_PROJ, consumers=2)},
+    "proj_t16": {"gram": S10_GRAM, "proj": project.ProjectTiles(tiles_per_cta=16)},
+    "proj_s2_c2": {"gram": S10_GRAM,
+                   "proj": dataclasses.replace(S10_PROJ, stages=2, consumers=2)},
+    "gram_c2_proj_c2": {"gram": dataclasses.replace(S10_GRAM, consumers=2),
+                        "proj": dataclasses.replace(S10_PROJ, consumers=2)},
+    "gram_c2_proj_s2": {"gram": dataclasses.replace(S10_GRAM, consumers=2),
+                        "proj": dataclasses.replace(S10_PROJ, stages=2)},
     # the Gram kernel reads each CTA's rows backwards: K_fused's first tiles are in the L2
-    "gram_rev": {"gram": grams.GramTiles(reverse=True),
-                 "proj": project.ProjectTiles(tiles_per_cta=8)},
+    "gram_rev": {"gram": grams.GramTiles(reverse=True), "proj": S10_PROJ},
     "gram_rev_proj_t16": {"gram": grams.GramTiles(reverse=True),
                           "proj": project.ProjectTiles(tiles_per_cta=16)},
     "gram_rev_c2_proj_t16": {"gram": grams.GramTiles(consumers=2, reverse=True),
@@ -149,8 +148,7 @@ TILE_CASES = {
     # two Gram consumer warpgroups with the eleventh session's defaults (not yet timed)
     "gram_c2_rev": {"gram": grams.GramTiles(consumers=2)},
     # the pipelines shipped until the eleventh session (now the defaults are gram_rev_proj_t16)
-    "tiles_s10": {"gram": grams.GramTiles(reverse=False),
-                  "proj": project.ProjectTiles(tiles_per_cta=8)},
+    "tiles_s10": {"gram": S10_GRAM, "proj": S10_PROJ},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
@@ -193,11 +191,12 @@ def in_call(names, calls=10):
   print("cudnn", rows["cudnn"], flush=True)
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
   stacked = prep.stacked_head_grams
+  gram_tiles, proj_tiles = grams.TILES, project.TILES  # the shipped pipelines
   for n in names:
     kwargs, impl = CASES.get(n, ({}, ORIG))
     tiles = TILE_CASES.get(n, {})
-    grams.TILES = tiles.get("gram", grams.GramTiles())
-    project.TILES = tiles.get("proj", project.ProjectTiles())
+    grams.TILES = tiles.get("gram", gram_tiles)
+    project.TILES = tiles.get("proj", proj_tiles)
     jax.clear_caches()  # the kernels' jit caches hold the previous case's tiling
     if n != "default" and n not in TILE_CASES:
       # The variants run through factor_grams_kernel (patched here), so the Grams come as
@@ -224,7 +223,7 @@ def in_call(names, calls=10):
     finally:
       lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
       prep.stacked_head_grams = stacked
-      grams.TILES, project.TILES = grams.GramTiles(), project.ProjectTiles()
+      grams.TILES, project.TILES = gram_tiles, proj_tiles
     short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
                        {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
                        if isinstance(v, dict) else v)

@@ -27,9 +27,7 @@ VARIANTS = ((None, None, 1), (2, None, 1), (3, None, 1), (4, 16, 1), (2, 4, 1),
 
 def _time(x, w, tiles, calls=20):
   fn = jax.jit(lambda x, w: project.project_rows(x, w, tiles=tiles))
-  jax.block_until_ready(fn(x, w))
-  totals, _ = kernel_profile.device_kernel_times(fn, (x, w), calls)
-  return {name: ns / calls / 1e6 for name, ns in totals.items()}
+  return kernel_profile.kernel_ms_per_call(fn, (x, w), calls)
 
 
 def main(argv=None):
