@@ -149,6 +149,12 @@ TILE_CASES = {
     "gram_c2_rev": {"gram": grams.GramTiles(consumers=2)},
     # the pipelines shipped until the eleventh session (now the defaults are gram_rev_proj_t16)
     "tiles_s10": {"gram": S10_GRAM, "proj": S10_PROJ},
+    # the maps split for the Mosaic kernels by XLA (two fusions), as until the twelfth
+    # session, instead of by the factorisation program (HeadReduction.map_parts)
+    "xla_split": {"parts": False},
+    # the Gram kernel as one launch per array (Q, then K): only K rows left in the L2
+    "gram_per_array": {"gram": grams.GramTiles(launch_per_array=True)},
+    "gram_c2_xla_split": {"gram": grams.GramTiles(consumers=2), "parts": False},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
@@ -191,12 +197,16 @@ def in_call(names, calls=10):
   print("cudnn", rows["cudnn"], flush=True)
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
   stacked = prep.stacked_head_grams
+  from distrattention_jax.backends import mosaic as mosaic_backend  # pylint: disable=import-outside-toplevel
   gram_tiles, proj_tiles = grams.TILES, project.TILES  # the shipped pipelines
+  takes_parts = mosaic_backend.MosaicBackend.takes_map_parts
+  first_out = None
   for n in names:
     kwargs, impl = CASES.get(n, ({}, ORIG))
     tiles = TILE_CASES.get(n, {})
     grams.TILES = tiles.get("gram", gram_tiles)
     project.TILES = tiles.get("proj", proj_tiles)
+    mosaic_backend.MosaicBackend.takes_map_parts = tiles.get("parts", takes_parts)
     jax.clear_caches()  # the kernels' jit caches hold the previous case's tiling
     if n != "default" and n not in TILE_CASES:
       # The variants run through factor_grams_kernel (patched here), so the Grams come as
@@ -210,7 +220,12 @@ def in_call(names, calls=10):
     try:
       fn = jax.jit(functools.partial(dj.distr_attention, group_size=D // RANK, block_q=None,
                                      grouping="lowrank", implementation="mosaic"))
-      jax.block_until_ready(fn(*sets[0]))
+      out = jax.block_until_ready(fn(*sets[0])).astype(jnp.float32)
+      if first_out is None:
+        first_out = out
+      # Every case against the first (same inputs): a check that a variant computes the
+      # same attention (its maps may differ in their last bits: ~1e-3).
+      diff = float(jnp.linalg.norm(out - first_out) / jnp.linalg.norm(first_out))
       totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
       rows[n] = {"program_ms": totals["distr_lowrank_factor"] / calls / 1e6,
                  "busy_ms": sum(totals.values()) / calls / 1e6,
@@ -218,12 +233,14 @@ def in_call(names, calls=10):
       rows[n]["prepass_ms"] = rows[n]["busy_ms"] - rows[n]["attention_ms"]
       rows[n]["prepass_of_cudnn"] = rows[n]["prepass_ms"] / rows["cudnn"]["busy_ms"]
       rows[n]["kernels_ms"] = {k2: v / calls / 1e6 for k2, v in totals.items()}
+      rows[n]["rel_diff_to_first_case"] = diff
     except Exception as e:  # noqa: BLE001
       rows[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
       lf.factor_grams_kernel, lf.factor_pair = orig, ORIG
       prep.stacked_head_grams = stacked
       grams.TILES, project.TILES = gram_tiles, proj_tiles
+      mosaic_backend.MosaicBackend.takes_map_parts = takes_parts
     short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
                        {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
                        if isinstance(v, dict) else v)

@@ -161,5 +161,6 @@ def _distr_attention(query, key, value, masks, *, backend, problem, lowrank_maps
   else:
     reduction = grouping_lib.reduce_heads(
         query, key, problem.config, query_valid=masks.query_valid(query.shape[1]),
-        key_valid=masks.key_valid(key.shape[1]), use_kernel=backend.uses_grouping_kernel)
+        key_valid=masks.key_valid(key.shape[1]), use_kernel=backend.uses_grouping_kernel,
+        parts_scale=problem.scale if backend.takes_map_parts else None)
   return backend(query, key, value, reduction, masks, problem)

@@ -51,17 +51,20 @@ def _random_permutations(query, *, block_q, seed):
 # Every permutation grouping (`block_permutations` runs them).
 PERMUTATION_GROUPINGS = ("lsh", "greedy", "random")
 
-# Dense groupings: name -> fn(query, key, *, config, query_valid, key_valid, use_kernel)
-#   -> (q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r]) float32, Hk = H or kv_heads,
-# computed under stop_gradient (`use_kernel`: it may run a Pallas kernel, as for greedy).
+# Dense groupings: name -> fn(query, key, *, config, query_valid, key_valid, use_kernel,
+#   parts_scale) -> (q_map [B, H, nb, d, r], k_map [B, Hk, nb, d, r], parts), maps float32,
+# Hk = H or kv_heads, computed under stop_gradient (`use_kernel`: it may run a Pallas
+# kernel, as for greedy); parts: None or the maps as the Mosaic kernels hold them
+# (`HeadReduction.map_parts`), asked for with the softmax scale `parts_scale`.
 
 
-def _lowrank_maps(query, key, *, config, query_valid, key_valid, use_kernel):
+def _lowrank_maps(query, key, *, config, query_valid, key_valid, use_kernel,
+                  parts_scale=None):
   """grouping="lowrank": the best rank-(d/G) factorisation per block (lowrank.py)."""
-  return lowrank.lowrank_maps(query, key, block_q=config.block_q,
-                              group_size=config.group_size, query_valid=query_valid,
-                              key_valid=key_valid, per_kv_head=config.lowrank_per_kv_head,
-                              use_kernel=use_kernel)
+  return lowrank.lowrank_maps_and_parts(
+      query, key, block_q=config.block_q, group_size=config.group_size,
+      query_valid=query_valid, key_valid=key_valid, per_kv_head=config.lowrank_per_kv_head,
+      use_kernel=use_kernel, parts_scale=parts_scale)
 
 
 DENSE_GROUPINGS: dict[str, Callable] = {"lowrank": _lowrank_maps}
@@ -286,6 +289,11 @@ class HeadReduction:
       (Hk = H or kv_heads) for dense groupings, else None.
   Static (pytree aux data): group_size G, block_q, representative.
 
+  Optional (dense maps, one block per sequence, from the GPU factorisation program):
+    map_parts: `(q_parts [B, H, 2, r, d], k_parts [B, Hk, 2, r, d])` bfloat16, the maps
+      as the Mosaic kernels hold them (`pallas_kernels.mosaic_gpu.project.split_map`),
+      q_parts with the softmax scale `parts_scale` (static) folded in; None elsewhere.
+
   Derived: `num_blocks` nb, `head_dim` d, `width` r = d / G, `q_map`, `k_map`,
   `is_permutation`. Builders: `q_rep(query, scale)`, `k_fused(key)`,
   `k_fused_blocks(key)`, `q_exp(query)`, and `member_indices()` (permutations only).
@@ -297,6 +305,8 @@ class HeadReduction:
   group_size: int = dataclasses.field(metadata=dict(static=True))
   block_q: int = dataclasses.field(metadata=dict(static=True))
   representative: str = dataclasses.field(metadata=dict(static=True))
+  map_parts: tuple[jax.Array, jax.Array] | None = None
+  parts_scale: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @classmethod
   def from_permutation(cls, perm, *, group_size, block_q, representative="mean"):
@@ -304,16 +314,25 @@ class HeadReduction:
                block_q=block_q, representative=representative)
 
   @classmethod
-  def from_maps(cls, q_map, k_map, *, block_q):
-    """Dense maps `q_map [B, H, nb, d, r]`, `k_map [B, Hk, nb, d, r]` (Hk divides H)."""
+  def from_maps(cls, q_map, k_map, *, block_q, map_parts=None, parts_scale=None):
+    """Dense maps `q_map [B, H, nb, d, r]`, `k_map [B, Hk, nb, d, r]` (Hk divides H);
+    optionally their `map_parts` with `parts_scale` (see the class docstring)."""
     d, r = q_map.shape[-2:]
     if k_map.shape[-2:] != (d, r) or k_map.shape[2] != q_map.shape[2]:
       raise ValueError(f"q_map {q_map.shape} and k_map {k_map.shape} must share nb, d, r")
     if q_map.shape[1] % k_map.shape[1]:
       raise ValueError(f"k_map heads ({k_map.shape[1]}) must divide q_map heads "
                        f"({q_map.shape[1]})")
+    if map_parts is not None:
+      want = tuple(m.shape[:2] + (2, r, d) for m in (q_map, k_map))
+      if (q_map.shape[2] != 1 or parts_scale is None
+          or tuple(p.shape for p in map_parts) != want):
+        raise ValueError(f"map_parts must be {want} with one block and a parts_scale, got "
+                         f"{[p.shape for p in map_parts]}, nb={q_map.shape[2]}, "
+                         f"parts_scale={parts_scale}")
     return cls(perm=None, dense_q_map=q_map, dense_k_map=k_map, group_size=d // r,
-               block_q=block_q, representative="map")
+               block_q=block_q, representative="map", map_parts=map_parts,
+               parts_scale=None if map_parts is None else parts_scale)
 
   # -- shapes --
   @property
@@ -404,21 +423,24 @@ class HeadReduction:
 
 
 def reduce_heads(query, key, config, *, query_valid=None, key_valid=None,
-                 use_kernel=False) -> HeadReduction | None:
+                 use_kernel=False, parts_scale=None) -> HeadReduction | None:
   """The grouping step of `distr_attention`: None for `group_size == 1` (exact).
 
   `config` is a validated `DistrConfig`; `query_valid`/`key_valid` bool `[B, T]` mark
   real (not padding) rows; `use_kernel` lets "greedy" and "lowrank" run their Pallas
-  kernels (only for GPU kernel backends, so implementation="xla" runs no Pallas code).
+  kernels (only for GPU kernel backends, so implementation="xla" runs no Pallas code);
+  `parts_scale` (the softmax scale) asks a dense grouping for `HeadReduction.map_parts`
+  (the Mosaic backend's), which it gives where its GPU program computes them.
   """
   if config.group_size == 1:
     return None
   if config.grouping in DENSE_GROUPINGS:
-    q_map, k_map = DENSE_GROUPINGS[config.grouping](
+    q_map, k_map, parts = DENSE_GROUPINGS[config.grouping](
         query, key, config=config, query_valid=query_valid, key_valid=key_valid,
-        use_kernel=use_kernel)
+        use_kernel=use_kernel, parts_scale=parts_scale)
     return HeadReduction.from_maps(jax.lax.stop_gradient(q_map),
-                                   jax.lax.stop_gradient(k_map), block_q=config.block_q)
+                                   jax.lax.stop_gradient(k_map), block_q=config.block_q,
+                                   map_parts=parts, parts_scale=parts_scale)
   perm = block_permutations(
       query, block_q=config.block_q, group_size=config.group_size,
       grouping=config.grouping, num_projs=config.num_projs, seed=config.seed,

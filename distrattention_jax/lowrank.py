@@ -196,6 +196,21 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
     Hk = Hkv if per_kv_head else H: `Q' = Q_b q_map` and `K' = K k_map` with `Q' K'^T`
     the best rank-r approximation of `Q_b K^T` (the softmax scale is not included).
   """
+  return lowrank_maps_and_parts(
+      query, key, block_q=block_q, group_size=group_size, query_valid=query_valid,
+      key_valid=key_valid, per_kv_head=per_kv_head, method=method, steps=steps,
+      use_kernel=use_kernel)[:2]
+
+
+def lowrank_maps_and_parts(query, key, *, block_q, group_size, query_valid=None,
+                           key_valid=None, per_kv_head=False, method="auto",
+                           steps=DEFAULT_STEPS, use_kernel=None, parts_scale=None):
+  """`lowrank_maps` and, where the GPU program computed them, the maps as the Mosaic GPU
+  kernels hold them: `(q_map, k_map, parts)` with parts None or (one block per sequence,
+  bfloat16 inputs, `parts_scale` given) `(q_parts [B, H, 2, r, d], k_parts [B, Hk, 2, r,
+  d])` bfloat16, `q_parts = split_map(parts_scale * q_map)` and `k_parts =
+  split_map(k_map)` (`pallas_kernels.mosaic_gpu.project.split_map`), written by the
+  factorisation program itself so no XLA op runs between it and the Mosaic kernels."""
   rank = _check(query, key, group_size)
   heads, kv_heads = query.shape[2], key.shape[2]
   group = heads // kv_heads
@@ -204,7 +219,8 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
   if use_kernel:
     maps = _stacked_kernel_maps(query, key, block_q=block_q, rank=rank,
                                 query_valid=query_valid, key_valid=key_valid,
-                                per_kv_head=per_kv_head, method=method, steps=steps)
+                                per_kv_head=per_kv_head, method=method, steps=steps,
+                                parts_scale=parts_scale)
     if maps is not None:
       return maps
   # The GPU kernel path: the Mosaic Gram kernel (one launch for Q and K), else one
@@ -223,11 +239,11 @@ def lowrank_maps(query, key, *, block_q, group_size, query_valid=None, key_valid
     gk_h = jnp.repeat(gk, group, axis=1)[:, :, None]               # [B, H, 1, d, d]
     q_map, b = factor_grams(gq, gk_h, rank, method=method, steps=steps,
                             use_kernel=use_kernel)
-  return jax.lax.stop_gradient(q_map), jax.lax.stop_gradient(b)
+  return jax.lax.stop_gradient(q_map), jax.lax.stop_gradient(b), None
 
 
 def _stacked_kernel_maps(query, key, *, block_q, rank, query_valid, key_valid, per_kv_head,
-                         method, steps):
+                         method, steps, parts_scale=None):
   """`lowrank_maps` on the GPU kernel path with the Grams in one array: the Mosaic Gram
   kernel writes the query Grams (per kv head: the group's summed by its reduce-add) and
   then the key Grams (`prep.stacked_head_grams`), and the fused program reads both by
@@ -250,13 +266,20 @@ def _stacked_kernel_maps(query, key, *, block_q, rank, query_valid, key_valid, p
     return None
   map_heads = heads // pooled
   nb = (grams.shape[0] - batch * kv_heads) // (batch * map_heads)
-  a, b = lowrank_factor.factor_stacked_grams_kernel(
+  # The Mosaic kernels' map parts: one block per sequence (what they take), bf16 inputs.
+  with_parts = (parts_scale is not None and nb == 1 and rank % 16 == 0
+                and query.dtype == jnp.bfloat16 and key.dtype == jnp.bfloat16)
+  a, b, *parts = lowrank_factor.factor_stacked_grams_kernel(
       grams, num_query=batch * map_heads * nb, kv_group=group // pooled * nb, rank=rank,
-      steps=steps)
+      steps=steps, parts_scale=float(parts_scale) if with_parts else None)
   a, b = (m.reshape(batch, map_heads, nb, d, rank) for m in (a, b))
+  parts = tuple(p.reshape(batch, map_heads, 2, rank, d) for p in parts) or None
   if per_kv_head:
     a = jnp.repeat(a, group, axis=1)
-  return jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+    if parts:
+      parts = (jnp.repeat(parts[0], group, axis=1), parts[1])
+  return (jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
+          None if parts is None else jax.lax.stop_gradient(parts))
 
 
 def causal_prefix_maps(query, key, *, block_q, group_size, first_maps, query_valid=None,

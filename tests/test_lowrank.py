@@ -389,6 +389,73 @@ def test_projections_match_reference_scores():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("d,rank,kv_group", [(64, 16, 2), (128, 32, 1)])
+def test_program_writes_the_kernels_map_parts(d, rank, kv_group):
+  """With `parts_scale` the program also writes the maps as the Mosaic kernels hold them
+  (`project.split_map` of `scale * A` and of `B`, bfloat16), element for element, and its
+  maps are unchanged (interpreted); the option is checked, and it lowers for CUDA."""
+  from pallas_kernels.mosaic_gpu import project  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(d + rank)
+  x = jnp.asarray(rng.standard_normal((4 + 4 // kv_group, 256, d)), jnp.float32)
+  grams = jnp.einsum("mtd,mte->mde", x, x)
+  scale = 1.0 / np.sqrt(d)
+  kw = dict(num_query=4, rank=rank, kv_group=kv_group, interpret=True)
+  a, b, a_parts, b_parts = lowrank_factor.factor_stacked_grams_kernel(
+      grams, parts_scale=scale, **kw)
+  assert a_parts.shape == b_parts.shape == (4, 2, rank, d) and a_parts.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(a_parts, project.split_map(a * scale, jnp.bfloat16))
+  np.testing.assert_array_equal(b_parts, project.split_map(b, jnp.bfloat16))
+  assert float(jnp.abs(a_parts[:, 1]).max()) > 0   # the low part carries bits
+  for got, want in zip((a, b), lowrank_factor.factor_stacked_grams_kernel(grams, **kw)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="parts_scale needs a float scale"):
+    lowrank_factor.factor_stacked_grams_kernel(grams, parts_scale=1, **kw)
+  with pytest.raises(ValueError, match="a multiple of 16"):
+    lowrank_factor.factor_stacked_grams_kernel(grams, parts_scale=scale,
+                                               **{**kw, "rank": 8})
+  text = lower_for_h100(functools.partial(
+      lowrank_factor.factor_stacked_grams_kernel, parts_scale=scale,
+      **{**kw, "interpret": False}), jax.ShapeDtypeStruct(grams.shape, jnp.float32))
+  assert text.count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_kernel_path_hands_the_mosaic_backend_its_map_parts(monkeypatch, per_kv_head):
+  """On Hopper, grouping="lowrank" through implementation="mosaic" gets the maps' parts
+  from the factorisation program: lowered for CUDA on a CPU, nothing but reshapes and
+  broadcasts between the program and the Mosaic kernels (the split, a bitcast, mask and
+  subtract, runs only when the backend does not ask for parts)."""
+  from distrattention_jax import config, devices  # pylint: disable=import-outside-toplevel
+  from distrattention_jax.backends import base, mosaic  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(devices, "is_hopper", lambda: True)
+  masks = config.Masks(is_causal=True)
+  cfg = config.DistrConfig(group_size=4, block_q=None, grouping="lowrank",
+                           lowrank_per_kv_head=per_kv_head).validate(128)
+  backend = mosaic.MosaicBackend()
+  q = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+
+  def run(q, k, v, parts):
+    problem = base.Problem.from_call(q, k, v, masks, cfg, None)
+    reduction = grouping_lib.reduce_heads(q, k, problem.config, use_kernel=True,
+                                          parts_scale=problem.scale if parts else None)
+    assert (reduction.map_parts is not None) == parts
+    if parts:
+      hk = 2 if per_kv_head else 4
+      assert [p.shape for p in reduction.map_parts] == [(2, 4, 2, 32, 128),
+                                                        (2, hk, 2, 32, 128)]
+      assert reduction.parts_scale == problem.scale
+    return backend(q, k, v, reduction, masks, problem)
+
+  for parts in (True, False):
+    text = lower_for_h100(functools.partial(run, parts=parts), q, kv, kv)
+    assert text.count("xla.gpu.triton") == 1
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3  # Grams, K_fused, attention
+    split_ops = sum(f"= stablehlo.{op}" in line for line in text.splitlines()
+                    for op in ("bitcast_convert", "subtract"))
+    assert (split_ops == 0) == parts, (parts, split_ops)
+
+
 @pytest.mark.parametrize("d,rank,small_precision,form,extra", [
     (64, 8, "ieee", None, {}), (128, 32, "ieee", None, {}), (256, 64, "ieee", None, {}),
     (128, 32, "tf32", None, {}), (128, 32, "ieee", "rolled", {}),
@@ -699,6 +766,80 @@ def test_gpu_default_call(length, d, heads, kv_heads, backend):
                                      group_size=4, is_causal=True, lowrank_maps=maps)
   err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_program_map_parts_match_the_xla_split():
+  """The compiled program's map parts against `project.split_map` of its own float32
+  maps: the high parts equal, the low parts within one bfloat16 step of theirs (a fused
+  multiply-subtract may round once where XLA rounds twice)."""
+  from pallas_kernels.mosaic_gpu import project  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((32, 2048, 128)), jnp.float32)
+  grams = jnp.einsum("mtd,mte->mde", x, x)
+  scale = 1.0 / np.sqrt(128)
+  a, b, a_parts, b_parts = lowrank_factor.factor_stacked_grams_kernel(
+      grams, num_query=16, rank=32, parts_scale=scale)
+  for parts, m in ((a_parts, a * scale), (b_parts, b)):
+    want = project.split_map(m, jnp.bfloat16)
+    np.testing.assert_array_equal(parts[:, 0], want[:, 0])
+    lo, lo_want = (np.asarray(p[:, 1], np.float32) for p in (parts, want))
+    np.testing.assert_allclose(lo, lo_want, rtol=2 ** -7, atol=0)
+    total = np.asarray(parts[:, 0], np.float32) + lo
+    np.testing.assert_allclose(total, np.swapaxes(np.asarray(m), -1, -2), rtol=2 ** -15,
+                               atol=1e-30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_gpu_mosaic_with_program_parts_matches_the_xla_split(per_kv_head):
+  """lowrank through the mosaic backend with the program's map parts against the same
+  reduction with the parts dropped (the maps then split by XLA), and both against the
+  float32 reference with the same maps: outputs and gradients (maps held constant).
+  The same reduction, so the same maps: two compiled programs may pick different
+  subspaces in a flat noise spectrum (test_gpu_maps_from_grams_in_one_array)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from distrattention_jax import config  # pylint: disable=import-outside-toplevel
+  from distrattention_jax.backends import base, mosaic  # pylint: disable=import-outside-toplevel
+  if "H100" not in jax.devices()[0].device_kind and "H200" not in jax.devices()[0].device_kind:
+    pytest.skip("the mosaic kernels need Hopper")
+  rng = np.random.default_rng(99)
+  q, k = _structured(rng, 1, 1024, 4, 128, kv_heads=2)
+  v = jnp.asarray(rng.standard_normal((1, 1024, 2, 128)), jnp.float32)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  masks = config.Masks(is_causal=True)
+  cfg = config.DistrConfig(group_size=4, block_q=None, grouping="lowrank",
+                           lowrank_per_kv_head=per_kv_head).validate(128)
+  problem = base.Problem.from_call(q16, k16, v16, masks, cfg, None)
+  reduction = jax.jit(lambda q, k: grouping_lib.reduce_heads(
+      q, k, problem.config, use_kernel=True, parts_scale=problem.scale))(q16, k16)
+  assert reduction.map_parts is not None and reduction.parts_scale == problem.scale
+  split_by_xla = dataclasses.replace(reduction, map_parts=None, parts_scale=None)
+  weights = jnp.asarray(rng.standard_normal((1, 1024, 4, 128)), jnp.float32)
+  backend = mosaic.MosaicBackend()
+
+  def loss(q, k, v, reduction):
+    out = backend(q, k, v, reduction, masks, problem).astype(jnp.float32)
+    return jnp.sum(out * weights), out
+
+  def ref_loss(q, k, v):
+    out = dj.distr_attention_reference(q, k, v, group_size=4, is_causal=True,
+                                       lowrank_maps=(reduction.q_map, reduction.k_map))
+    return jnp.sum(out * weights), out
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  results = [jax.jit(grad)(q16, k16, v16, red) for red in (reduction, split_by_xla)]
+  (_, ref_out), ref_grads = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(
+      *(x.astype(jnp.float32) for x in (q16, k16, v16)))
+  (_, out), grads = results[0]
+  (_, out_xla), grads_xla = results[1]
+  for got, other, ref in zip([out, *grads], [out_xla, *grads_xla], [ref_out, *ref_grads]):
+    got, other, ref = (np.asarray(x, np.float32) for x in (got, other, ref))
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got - other) / np.linalg.norm(other) < 5e-3
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
 
 
 @pytest.mark.gpu

@@ -184,20 +184,27 @@ def test_two_consumers_need_64_gram_rows_each():
   assert grams.supports((1, 1024, 4, 128), jnp.bfloat16, 1024, tiles=TWO_CONSUMERS) is None
 
 
-@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True)])
+PER_ARRAY = grams.GramTiles(launch_per_array=True)  # Q's Grams, then K's: two launches
+
+
+@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True),
+                                   PER_ARRAY])
 def test_other_tilings_lower_for_cuda_on_cpu(tiles):
   text = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
                                            num_blocks=(1, 1), stacked=True, tiles=tiles),
       jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16),
       jax.ShapeDtypeStruct((1, 16384, 16, 128), jnp.bfloat16))
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  launches = 2 if tiles.launch_per_array else 1
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == launches
+  # One zeroed output for every launch (the second adds into the first's array).
+  assert text.count("stablehlo.broadcast_in_dim") == 1
 
 
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(reverse=True),
-                                   grams.GramTiles(consumers=2, reverse=True)])
+                                   grams.GramTiles(consumers=2, reverse=True), PER_ARRAY])
 def test_other_tilings_match_einsum(tiles):
   q = _x(7, (1, 16384, 16, 128), jnp.bfloat16)
   k = _x(8, (2, 1096, 2, 128), jnp.bfloat16)
@@ -205,3 +212,17 @@ def test_other_tilings_match_einsum(tiles):
                                    tiles=tiles)
   assert _rel(gq, _einsum_grams(q, 16384)) < 1e-5
   assert _rel(gk, _einsum_grams(k[:, :1024], 4096)) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_launch_per_array_stacked_and_pooled():
+  """One launch per array into one stacked output, query heads pooled per kv head (the
+  lowrank path's call), against the one-launch default."""
+  q = _x(9, (2, 2048, 4, 128), jnp.bfloat16)
+  k = _x(10, (2, 2048, 2, 128), jnp.bfloat16)
+  kw = dict(block_rows=(1024, 2048), num_blocks=(2, 1), stacked=True, pool=(2, 1))
+  got = grams.gram_blocks_multi((q, k), tiles=PER_ARRAY, **kw)
+  want = grams.gram_blocks_multi((q, k), **kw)
+  assert got.shape == want.shape == (2 * 2 * 2 + 2 * 2, 128, 128)
+  assert _rel(got, want) < 1e-5

@@ -80,8 +80,11 @@ def test_gradients_match_the_xla_projection_off_the_gpu():
   x, w = _inputs(1, (2, 256, 2, 64), 4, 16, jnp.float32)
   dy = jnp.asarray(np.random.default_rng(2).standard_normal((2, 256, 4, 16)), jnp.float32)
   _, vjp = jax.vjp(project._project_reference, x, w)
-  for got, want in zip(project._projected_bwd((x, w), dy), vjp(dy)):
+  parts = project.split_map(w, x.dtype)
+  *grads, d_parts = project._projected_bwd((x, w, parts), dy)
+  for got, want in zip(grads, vjp(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert d_parts.shape == parts.shape and not np.any(d_parts)  # the parts get none
 
 
 @pytest.mark.gpu

@@ -102,6 +102,10 @@ class Backend:
   selectable: bool = True
   off_gpu_hint: str = "use 'xla' on a CPU"
 
+  # Whether this backend takes a dense grouping's maps pre-split as its kernels hold
+  # them (`HeadReduction.map_parts`): the grouping step is then asked for them.
+  takes_map_parts: bool = False
+
   @property
   def uses_grouping_kernel(self) -> bool:
     return self.needs_gpu

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.backward import dkv_call, dq_call
 from pallas_kernels.mosaic_gpu.forward import forward_call
-from pallas_kernels.mosaic_gpu.project import split_map, split_product
+from pallas_kernels.mosaic_gpu.project import check_parts, split_map, split_product
 from pallas_kernels.mosaic_gpu.tiles import SMEM_BYTES, Tiles, pick_tiles
 
 
@@ -163,14 +163,19 @@ def projection_supported(q_shape, q_map_shape, v_shape, dtype,
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "tiles"))
-def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = None):
+def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = None,
+                      q_map_parts=None):
   """`forward` of `(q q_map, k, v)` with the projection inside the kernel:
-  (out [B, Tq, H, dv], lse [B, H, Tq]). q [B, Tq, H, d]; q_map float32 [B, H, d, r]."""
+  (out [B, Tq, H, dv], lse [B, H, Tq]). q [B, Tq, H, d]; q_map float32 [B, H, d, r];
+  q_map_parts: optional `split_map(q_map, q.dtype)` computed elsewhere, used as given."""
   # The usual checks on Q_rep's shape (q with k's width), then the projection's own.
   common.check_supported(jax.ShapeDtypeStruct(q.shape[:-1] + k.shape[-1:], q.dtype), k, v)
   reason = projection_supported(q.shape, q_map.shape, v.shape, q.dtype, tiles)
   if reason:
     raise ValueError(f"forward_projected: {reason}")
+  if q_map_parts is None:
+    q_map_parts = split_map(q_map, q.dtype)
+  check_parts(q_map_parts, q_map.shape, q.dtype, "q_map_parts")
   tiles = _tiles_for(k, v, tiles)
   batch, q_len, heads, _ = q.shape
   dv = v.shape[-1]
@@ -181,7 +186,7 @@ def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = Non
   kp = _pad_axis(k, 1, tiles.kv_multiple)
   vp = _pad_axis(v, 1, tiles.kv_multiple)
   out, lse = forward_call(qp, kp, vp, causal=causal, kv_len=k.shape[1], tiles=tiles,
-                          q_map_t=split_map(q_map, q.dtype))
+                          q_map_t=q_map_parts)
   return out[:, :q_len], lse[:, :, :q_len]
 
 
@@ -191,35 +196,38 @@ def project_queries(q, q_map):
   return split_product("bthd,bhrd->bthr", q, split_map(q_map, q.dtype)).astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention_projected(q, q_map, k, v, causal, tiles):
-  return forward_projected(q, q_map, k, v, causal=causal, tiles=tiles)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_projected(q, q_map, q_map_parts, k, v, causal, tiles):
+  return forward_projected(q, q_map, k, v, causal=causal, tiles=tiles,
+                           q_map_parts=q_map_parts)[0]
 
 
-def _attention_projected_fwd(q, q_map, k, v, causal, tiles):
-  out, lse = forward_projected(q, q_map, k, v, causal=causal, tiles=tiles)
-  return out, (q, q_map, k, v, out, lse)
+def _attention_projected_fwd(q, q_map, q_map_parts, k, v, causal, tiles):
+  out, lse = forward_projected(q, q_map, k, v, causal=causal, tiles=tiles,
+                               q_map_parts=q_map_parts)
+  return out, (q, q_map, q_map_parts, k, v, out, lse)
 
 
 def _attention_projected_bwd(causal, tiles, residuals, d_out):
-  q, q_map, k, v, out, lse = residuals
+  q, q_map, parts, k, v, out, lse = residuals
   # The backward kernels take Q_rep: recomputed here (one read of Q), not kept from the
   # forward, whose kernel never writes it.
-  q_rep = project_queries(q, q_map)
+  q_rep = split_product("bthd,bhrd->bthr", q, parts).astype(q.dtype)  # project_queries
   d_q_rep, dk, dvv = backward(q_rep, k, v, out, lse, d_out, causal=causal, tiles=tiles)
   # dq with the map the forward used; the map's own gradient is dead code (removed by
   # XLA) where it is held constant. Default precision: exact products (split_product).
-  dq = split_product("bthr,bhrd->bthd", d_q_rep, split_map(q_map, q.dtype)).astype(q.dtype)
+  dq = split_product("bthr,bhrd->bthd", d_q_rep, parts).astype(q.dtype)
   d_map = jnp.einsum("bthd,bthr->bhdr", q.astype(jnp.float32),
                      d_q_rep.astype(jnp.float32),
                      preferred_element_type=jnp.float32).astype(q_map.dtype)
-  return dq, d_map, dk, dvv
+  return dq, d_map, jnp.zeros_like(parts), dk, dvv
 
 
 _attention_projected.defvjp(_attention_projected_fwd, _attention_projected_bwd)
 
 
-def attention_projected(q, q_map, k, v, *, causal: bool = False, tiles: Tiles | None = None):
+def attention_projected(q, q_map, k, v, *, causal: bool = False, tiles: Tiles | None = None,
+                        q_map_parts=None):
   """`attention(q q_map, k, v)` with the query projection inside the forward kernel.
 
   q [B, Tq, H, d] (full width); q_map float32 [B, H, d, r] with the softmax scale folded
@@ -228,9 +236,14 @@ def attention_projected(q, q_map, k, v, *, causal: bool = False, tiles: Tiles | 
   re-reading `Q_rep`; the forward's Q_rep is `q q_map` rounded to q's dtype, computed
   with the map split into two parts of q's dtype (~16 bits). Gradients: dq = dQ_rep
   q_map^T, d q_map = q^T dQ_rep (Q_rep recomputed in the backward).
-  `projection_supported` says which shapes it takes.
+  `projection_supported` says which shapes it takes. q_map_parts: optional
+  `split_map(q_map, q.dtype)` `[B, H, 2, r, d]` computed elsewhere (the lowrank program
+  writes it beside the map), used as given; it gets no gradient (q_map does).
   """
-  return _attention_projected(q, q_map, k, v, causal, tiles)
+  if q_map_parts is None:
+    q_map_parts = split_map(q_map, q.dtype)
+  return _attention_projected(q, q_map, jax.lax.stop_gradient(q_map_parts), k, v, causal,
+                              tiles)
 
 
 def attention_blocked(q, k, v, *, group_block_q: int, causal: bool = False,

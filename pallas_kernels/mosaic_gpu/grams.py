@@ -55,6 +55,10 @@ class GramTiles:
   stages: int = 4
   consumers: int = 1
   reverse: bool = True
+  # One launch per array (`gram_blocks_multi`), each with its own one-wave split count,
+  # instead of the arrays sharing one launch: the last array's rows (the keys, which the
+  # K_fused projection reads next) are then all that is left in the L2.
+  launch_per_array: bool = False
 
   def __post_init__(self):
     if self.consumers not in (1, 2):
@@ -107,6 +111,7 @@ class _ArrayPlan(NamedTuple):
   first_cta: int
   first_gram: int        # its first Gram in the stacked output
   heads_per_gram: int    # `pool`: consecutive heads summed into one Gram
+  splits: int            # CTAs per row block
 
 
 def pick_splits(ctas: int, tiles_per_block: int, sm_count: int = SM_COUNT) -> int:
@@ -168,25 +173,34 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     raise ValueError(f"the arrays must share d and dtype, got {[(x.shape, x.dtype) for x in xs]}")
   tile_rows = tiles.tile_rows
   tiles_per_block = [rows // tile_rows for rows in block_rows]
-  if splits is None:
-    base = sum(x.shape[0] * x.shape[2] * nb for x, nb in zip(xs, num_blocks))
-    splits = pick_splits(base, math.gcd(*tiles_per_block))
-  if splits < 1 or any(n % splits for n in tiles_per_block):
-    raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
-                     f"got {splits}")
-  plans, first_cta, first_gram = [], 0, 0
-  for x, nb, n, p in zip(xs, num_blocks, tiles_per_block, pool):
-    plans.append(_ArrayPlan(batch=x.shape[0], heads=x.shape[2], per_head=nb * splits,
-                            tiles_per_cta=n // splits, first_cta=first_cta,
-                            first_gram=first_gram, heads_per_gram=p))
-    first_cta += x.shape[0] * x.shape[2] * nb * splits
-    first_gram += x.shape[0] * x.shape[2] // p * nb
-  stages = min(tiles.stages, max(p.tiles_per_cta for p in plans))
+  # Launch groups: every array in one launch, or (launch_per_array) one launch each.
+  groups = ([[i] for i in range(len(xs))] if tiles.launch_per_array
+            else [list(range(len(xs)))])
+  group_splits = []
+  for group in groups:
+    group_split = splits
+    if group_split is None:
+      base = sum(xs[i].shape[0] * xs[i].shape[2] * num_blocks[i] for i in group)
+      group_split = pick_splits(base, math.gcd(*(tiles_per_block[i] for i in group)))
+    if group_split < 1 or any(tiles_per_block[i] % group_split for i in group):
+      raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
+                       f"got {group_split}")
+    group_splits.append(group_split)
+  plans, first_grams, first_gram = [None] * len(xs), [], 0
+  for group, group_split in zip(groups, group_splits):
+    first_cta = 0
+    for i in group:
+      x, nb, n, p = xs[i], num_blocks[i], tiles_per_block[i], pool[i]
+      plans[i] = _ArrayPlan(batch=x.shape[0], heads=x.shape[2], per_head=nb * group_split,
+                            tiles_per_cta=n // group_split, first_cta=first_cta,
+                            first_gram=first_gram, heads_per_gram=p, splits=group_split)
+      first_cta += x.shape[0] * x.shape[2] * nb * group_split
+      first_gram += x.shape[0] * x.shape[2] // p * nb
   consumers = tiles.consumers
   dm = d // consumers
 
-  def one_array(x_ref, out_ref, plan, local, x_smems, gram_smem, loaded, free):
-    per_head, tiles_per_cta = plan.per_head, plan.tiles_per_cta
+  def one_array(x_ref, out_ref, plan, stages, local, x_smems, gram_smem, loaded, free):
+    per_head, tiles_per_cta, splits = plan.per_head, plan.tiles_per_cta, plan.splits
     chunk = lax.rem(local, i32(per_head))
     bh = lax.div(local, i32(per_head))
     bi, hi = lax.div(bh, i32(plan.heads)), lax.rem(bh, i32(plan.heads))
@@ -236,39 +250,44 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
                           (x_smems,), (loaded,), (free,), num_tiles=tiles_per_cta,
                           stages=min(stages, tiles_per_cta), first=first)
 
-  def kernel(refs, scoped):
-    x_refs, out_refs = refs[:len(xs)], refs[len(xs):]
+  def kernel(refs, scoped, group, stages):
+    x_refs, out_refs = refs[:len(group)], refs[len(group):]
     cta = lax.axis_index("cta")
     if stacked:
-      out_refs = out_refs * len(xs)
-    for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
+      out_refs = out_refs * len(group)
+    for x_ref, out_ref, i in zip(x_refs, out_refs, group):
+      plan = plans[i]
       first = plan.first_cta
       mine = (cta >= first) & (cta < first + plan.batch * plan.heads * plan.per_head)
-      pl.when(mine)(functools.partial(one_array, x_ref, out_ref, plan, cta - first,
+      pl.when(mine)(functools.partial(one_array, x_ref, out_ref, plan, stages, cta - first,
                                       *scoped))
-
-  def distr_gram(*refs):  # (the name the profiler shows)
-    smem = (plgpu.SMEM((stages, tile_rows, d), dtype,
-                       transforms=common.smem_transforms(d, dtype)),
-            plgpu.SMEM((d, d), jnp.float32))
-    pl.run_scoped(lambda *scoped: kernel(refs, scoped), *smem,
-                  plgpu.Barrier(num_barriers=stages),
-                  plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
-                  collective_axes="wg")
 
   if stacked:
     outs = [jax.new_ref(jnp.zeros((first_gram, d, d), jnp.float32))]
   else:
     outs = [jax.new_ref(jnp.zeros((x.shape[0], x.shape[2] // p, nb, d, d), jnp.float32))
             for x, nb, p in zip(xs, num_blocks, pool)]
-  plgpu.kernel(
-      distr_gram,
-      out_type=(),
-      grid=(first_cta,),
-      grid_names=("cta",),
-      num_threads=consumers + 1,
-      thread_name="wg",
-  )(*xs, *outs)
+  for group in groups:
+    stages = min(tiles.stages, max(plans[i].tiles_per_cta for i in group))
+
+    def distr_gram(*refs, group=group, stages=stages):  # (the name the profiler shows)
+      smem = (plgpu.SMEM((stages, tile_rows, d), dtype,
+                         transforms=common.smem_transforms(d, dtype)),
+              plgpu.SMEM((d, d), jnp.float32))
+      pl.run_scoped(lambda *scoped: kernel(refs, scoped, group, stages), *smem,
+                    plgpu.Barrier(num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+                    collective_axes="wg")
+
+    last = plans[group[-1]]
+    plgpu.kernel(
+        distr_gram,
+        out_type=(),
+        grid=(last.first_cta + last.batch * last.heads * last.per_head,),
+        grid_names=("cta",),
+        num_threads=consumers + 1,
+        thread_name="wg",
+    )(*(xs[i] for i in group), *(outs if stacked else [outs[i] for i in group]))
   if stacked:
     return outs[0][...]
   return tuple(out[...] for out in outs)

@@ -135,14 +135,27 @@ class ProjectTiles:
 TILES = ProjectTiles()
 
 
+def check_parts(parts, w_shape, dtype, name: str):
+  """ValueError unless `parts` is `split_map(w, dtype)`'s shape and dtype for a float32
+  map `w [..., d, r]`: `[..., 2, r, d]`."""
+  want = tuple(w_shape[:-2]) + (2, w_shape[-1], w_shape[-2])
+  if parts.shape != want or parts.dtype != jnp.dtype(dtype):
+    raise ValueError(f"{name} must be split_map(map, {jnp.dtype(dtype).name}): {want} "
+                     f"{jnp.dtype(dtype).name}, got {parts.shape} {parts.dtype}")
+
+
 @functools.partial(jax.jit, static_argnames=("tiles",))
-def project_rows(x, w, *, tiles: ProjectTiles | None = None):
+def project_rows(x, w, *, tiles: ProjectTiles | None = None, w_parts=None):
   """`[B, T, Hout, r]` in x's dtype: `x[b, :, h // (Hout / H)] @ w[b, h]` per output head.
 
-  x: `[B, T, H, d]` bf16/f16; w: float32 `[B, Hout, d, r]` (`supports`)."""
+  x: `[B, T, H, d]` bf16/f16; w: float32 `[B, Hout, d, r]` (`supports`); w_parts:
+  optional `split_map(w, x.dtype)` computed elsewhere (the lowrank program writes it),
+  which the kernel then reads as given."""
   reason = supports(x.shape, w.shape, x.dtype)
   if reason:
     raise ValueError(f"project_rows: {reason}")
+  if w_parts is not None:
+    check_parts(w_parts, w.shape, x.dtype, "w_parts")
   batch, t, heads, d = x.shape
   out_heads, r = w.shape[1], w.shape[3]
   fan = out_heads // heads
@@ -219,7 +232,7 @@ def project_rows(x, w, *, tiles: ProjectTiles | None = None):
       grid_names=("heads", "chunks", "batch"),
       num_threads=consumers + 1,
       thread_name="wg",
-  )(x, split_map(w, dtype))
+  )(x, split_map(w, dtype) if w_parts is None else w_parts)
 
 
 def _project_reference(x, w):
@@ -232,29 +245,37 @@ def _project_reference(x, w):
   return y.reshape(batch, t, heads * fan, w.shape[3]).astype(x.dtype)
 
 
-@jax.custom_vjp
-def projected(x, w):
+def projected(x, w, w_parts=None):
   """`project_rows(x, w)`, differentiable: dx = dy w^T summed over each input head's
-  output heads (w as the kernel holds it, `split_map`), dw = x^T dy (float32)."""
-  return project_rows(x, w)
+  output heads (w as the kernel holds it, `split_map`), dw = x^T dy (float32).
+  w_parts: optional `split_map(w, x.dtype)` computed elsewhere (the lowrank program
+  writes it beside the map), used as given; gradients go to x and w, none to w_parts."""
+  if w_parts is None:
+    w_parts = split_map(w, x.dtype)
+  return _projected(x, w, jax.lax.stop_gradient(w_parts))
 
 
-def _projected_fwd(x, w):
-  return project_rows(x, w), (x, w)
+@jax.custom_vjp
+def _projected(x, w, w_parts):
+  return project_rows(x, w, w_parts=w_parts)
+
+
+def _projected_fwd(x, w, w_parts):
+  return project_rows(x, w, w_parts=w_parts), (x, w, w_parts)
 
 
 def _projected_bwd(residuals, dy):
-  x, w = residuals
+  x, w, w_parts = residuals
   batch, t, heads, d = x.shape
   fan, r = w.shape[1] // heads, w.shape[3]
   dyg = dy.reshape(batch, t, heads, fan, r)
-  parts = split_map(w, x.dtype).reshape(batch, heads, fan, 2, r, d)
+  parts = w_parts.reshape(batch, heads, fan, 2, r, d)
   # dx with the map the forward used (hi + lo); dw from the half-precision operands, both
   # at the default precision (exact products, see split_product).
   dx = split_product("bthfr,bhfrd->bthd", dyg, parts).astype(x.dtype)
   dw = jnp.einsum("bthd,bthfr->bhfdr", x.astype(jnp.float32), dyg.astype(jnp.float32),
                   preferred_element_type=jnp.float32)
-  return dx, dw.reshape(w.shape).astype(w.dtype)
+  return dx, dw.reshape(w.shape).astype(w.dtype), jnp.zeros_like(w_parts)
 
 
-projected.defvjp(_projected_fwd, _projected_bwd)
+_projected.defvjp(_projected_fwd, _projected_bwd)

@@ -349,12 +349,26 @@ def start_subspace(d: int, r: int) -> np.ndarray:
   return np.random.default_rng(20261125).standard_normal((d, r)).astype(np.float32)
 
 
+def split_parts(m):
+  """float32 `[rows, r]` -> bfloat16 `(hi, lo)`, each `[r, rows]`: the transposed map as
+  its high part (the float32 value with its low 16 bits masked off, exact in bfloat16)
+  and the rest rounded to bfloat16, so `hi + lo` keeps ~16 bits of every entry. The
+  same split as the Mosaic GPU kernels' `project.split_map` (bfloat16), element for
+  element, written here so the program's output needs no XLA op before those kernels."""
+  bits = jax.lax.bitcast_convert_type(m, jnp.uint32) & jnp.uint32(0xFFFF0000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return hi.T.astype(jnp.bfloat16), (m - hi).T.astype(jnp.bfloat16)
+
+
 def _kernel(*refs, plan, chunk, precision, small_precision, subspace_precision,
-            orth_precision, form, select, kv_group, num_query):
+            orth_precision, form, select, kv_group, num_query, parts_scale=None):
   # The Grams are read block by block at every product (from L2) rather than held: two
   # d x d float32 values live through the whole program spilled at d=128 (H100,
   # 2026-11-25: a 124 s compile and 4.1 ms per call for B=1, H=16, N=16384, G=4), and
   # at d=256 one Gram alone is more than the shared memory.
+  parts_refs = ()
+  if parts_scale is not None:  # the maps' bfloat16 parts as well (split_parts)
+    refs, parts_refs = refs[:-2], refs[-2:]
   if select == "index":  # one array of every Gram: [M query Grams, M / kv_group key Grams]
     g_ref, z0_ref, a_ref, b_ref = refs
     prog = pl.program_id(0)
@@ -409,6 +423,10 @@ def _kernel(*refs, plan, chunk, precision, small_precision, subspace_precision,
   for i in range(n):
     a_ref[pl.ds(i * chunk, chunk), :] = a[i]
     b_ref[pl.ds(i * chunk, chunk), :] = b[i]
+    for part_ref, m, scale in zip(parts_refs, (a[i], b[i]), (parts_scale, None)):
+      hi, lo = split_parts(m if scale is None else m * scale)
+      part_ref[0, :, pl.ds(i * chunk, chunk)] = hi
+      part_ref[1, :, pl.ds(i * chunk, chunk)] = lo
 
 
 MAX_CHUNK = 128  # rows of a Gram block per product (128 x 128 float32: 64 KB)
@@ -470,18 +488,24 @@ def factor_grams_kernel(gq, gk, *, rank: int, steps: int = 2, plan=None, kv_grou
                       num_warps=num_warps, block_d=block_d, interpret=interpret, **config)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("num_query",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_query", "parts_scale"))
 def factor_stacked_grams_kernel(grams, *, num_query: int, rank: int, steps: int = 2,
                                 plan=None, kv_group: int = 1, num_warps: int = 8,
                                 precision: str | None = None, small_precision: str = "ieee",
                                 block_d: int | None = None, interpret: bool = False,
                                 subspace_precision: str | None = None,
                                 form: str | None = None, orth_precision: str | None = None,
-                                select: str | None = None):
+                                select: str | None = None, parts_scale: float | None = None):
   """`factor_grams_kernel` of Grams given as one float32 array `[M + M / kv_group, d, d]`:
   the M query Grams, then the key Grams (as the Gram kernel writes them with
   `stacked=True`, so no concatenation runs). Same options; the form must be rolled with
-  `select="index"` (the defaults)."""
+  `select="index"` (the defaults).
+
+  parts_scale: also write the maps as the Mosaic GPU kernels hold them, so no XLA op
+  runs between this program and those kernels: returns `(A, B, A_parts, B_parts)` with
+  `A_parts = split_parts(A * parts_scale)` and `B_parts = split_parts(B)`, bfloat16
+  `[M, 2, r, d]` (the transposed map as a high part and the rest, see `split_parts`).
+  Needs r a multiple of 16 (no padded columns to cut off)."""
   config = _config(plan=plan, steps=steps, precision=precision,
                    small_precision=small_precision, subspace_precision=subspace_precision,
                    form=form, orth_precision=orth_precision, select=select,
@@ -493,9 +517,12 @@ def factor_stacked_grams_kernel(grams, *, num_query: int, rank: int, steps: int 
   if grams.ndim != 3 or grams.shape[0] != num_query + num_query // kv_group:
     raise ValueError(f"grams must be [num_query + num_query // kv_group, d, d] = "
                      f"[{num_query + num_query // kv_group}, d, d], got {grams.shape}")
+  if parts_scale is not None and (rank % 16 or not isinstance(parts_scale, float)):
+    raise ValueError(f"parts_scale needs a float scale and a rank that is a multiple of "
+                     f"16, got parts_scale={parts_scale!r}, rank={rank}")
   return _factor_call((grams.astype(jnp.float32),), num_query=num_query, rank=rank,
                       kv_group=kv_group, num_warps=num_warps, block_d=block_d,
-                      interpret=interpret, **config)
+                      interpret=interpret, parts_scale=parts_scale, **config)
 
 
 def _config(*, plan, steps, precision, small_precision, subspace_precision, form,
@@ -536,8 +563,9 @@ def _config(*, plan, steps, precision, small_precision, subspace_precision, form
 
 def _factor_call(grams, *, num_query, rank, kv_group, num_warps, block_d, interpret, plan,
                  precision, small_precision, subspace_precision, orth_precision, form,
-                 select):
-  """The pallas_call: `grams` is `(gq, gk)` ("blend") or `(stacked,)` ("index")."""
+                 select, parts_scale=None):
+  """The pallas_call: `grams` is `(gq, gk)` ("blend") or `(stacked,)` ("index"); with
+  `parts_scale` also the maps' bfloat16 parts (`factor_stacked_grams_kernel`)."""
   m, d = num_query, grams[0].shape[-1]
   block_d = min(d, MAX_CHUNK) if block_d is None else block_d
   if d % block_d or block_d < 16:
@@ -555,20 +583,24 @@ def _factor_call(grams, *, num_query, rank, kv_group, num_warps, block_d, interp
   else:
     gram_specs = [pl.BlockSpec((None, d, d), lambda i: (i, 0, 0)),
                   pl.BlockSpec((None, d, d), lambda i: (i // kv_group, 0, 0))]
-  a, b = pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, d, width), lambda i: (i, 0, 0))] * 2
+  out_shape = [out, out]
+  if parts_scale is not None:  # A's and B's parts, [M, 2, r, d] each (width == rank)
+    out_specs += [pl.BlockSpec((None, 2, width, d), lambda i: (i, 0, 0, 0))] * 2
+    out_shape += [jax.ShapeDtypeStruct((m, 2, width, d), jnp.bfloat16)] * 2
+  outs = pl.pallas_call(
       functools.partial(_kernel, plan=plan, form=form, chunk=block_d,
                         precision=PRECISIONS[precision],
                         small_precision=PRECISIONS[small_precision],
                         subspace_precision=PRECISIONS[subspace_precision],
                         orth_precision=PRECISIONS[orth_precision], select=select,
-                        kv_group=kv_group, num_query=m),
+                        kv_group=kv_group, num_query=m, parts_scale=parts_scale),
       grid=(m,),
       in_specs=gram_specs + [pl.BlockSpec((d, width), lambda i: (0, 0))],
-      out_specs=[pl.BlockSpec((None, d, width), lambda i: (i, 0, 0)),
-                 pl.BlockSpec((None, d, width), lambda i: (i, 0, 0))],
-      out_shape=[out, out],
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
       name="distr_lowrank_factor",
       **kwargs,
   )(*grams, jnp.asarray(z0))
-  return a[..., :rank], b[..., :rank]
+  return (outs[0][..., :rank], outs[1][..., :rank]) + tuple(outs[2:])
