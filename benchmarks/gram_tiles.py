@@ -21,8 +21,9 @@ from benchmarks import kernel_profile
 from benchmarks import timing
 from pallas_kernels.mosaic_gpu import grams
 
-# (tile rows, stages, splits or None for the kernel's choice[, consumer warpgroups]); the
-# first is the default. --only picks some by name.
+# (tile rows, stages, splits or None for the kernel's choice[, consumer warpgroups]), Q
+# and K in one launch (the default until the twelfth session: now "per-array", one launch
+# each); the first is that launch's default. --only picks some by name.
 VARIANTS = ((128, 4, None), (128, 2, None), (128, 5, None), (64, 4, None), (64, 8, None),
             (256, 2, None), (128, 4, 2), (128, 4, 8),
             (128, 4, None, 2), (128, 3, None, 2), (256, 2, None, 2), (64, 8, None, 2))
@@ -52,15 +53,20 @@ def main(argv=None):
     if only and name not in only:
       continue
     try:
-      rows[name] = _time(q, k, grams.GramTiles(rows_, stages, consumers), splits)
+      rows[name] = _time(q, k, grams.GramTiles(rows_, stages, consumers,
+                                               launch_per_array=False), splits)
     except Exception as e:  # noqa: BLE001  (a tiling that does not fit: recorded)
       rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     print(name, rows[name], flush=True)
   qc, kc = (jnp.transpose(x, (0, 2, 1, 3)).reshape(16, 16384, 1, 128) for x in (q, k))
   for rows_, stages in () if args.no_contiguous else CONTIGUOUS:
     name = f"contiguous-t{rows_}-s{stages}"
-    rows[name] = _time(qc, kc, grams.GramTiles(rows_, stages), None)
+    rows[name] = _time(qc, kc, grams.GramTiles(rows_, stages, launch_per_array=False), None)
     print(name, rows[name], flush=True)
+  # One launch per array (the default from the twelfth session): Q's Grams, then K's.
+  if not only or "per-array" in only:
+    rows["per-array"] = _time(q, k, grams.GramTiles(), None)
+    print("per-array", rows["per-array"], flush=True)
   info = timing.device_info()
   path = os.path.join(args.out_dir, "gram-tiles-{}-{}{}.json".format(
       info["device"].replace(" ", "_"), info["date"][:10], args.tag))

@@ -126,8 +126,9 @@ CASES = {
 # K_fused projection (`grams.TILES`, `project.TILES` swapped), for --in-call only. The
 # cases of run s11r1 pin the pipelines that were the defaults then (`S10_GRAM`: rows read
 # forward; `S10_PROJ`: 8 row tiles a CTA, two waves); `tiles_s10` is that pair.
-S10_GRAM = grams.GramTiles(reverse=False)
+S10_GRAM = grams.GramTiles(reverse=False, launch_per_array=False)
 S10_PROJ = project.ProjectTiles(tiles_per_cta=8)
+S11_GRAM = grams.GramTiles(reverse=True, launch_per_array=False)  # eleventh session's
 TILE_CASES = {
     "gram_c2": {"gram": dataclasses.replace(S10_GRAM, consumers=2), "proj": S10_PROJ},
     "proj_s2": {"gram": S10_GRAM, "proj": dataclasses.replace(S10_PROJ, stages=2)},
@@ -152,9 +153,10 @@ TILE_CASES = {
     # the maps split for the Mosaic kernels by XLA (two fusions), as until the twelfth
     # session, instead of by the factorisation program (HeadReduction.map_parts)
     "xla_split": {"parts": False},
-    # the Gram kernel as one launch per array (Q, then K): only K rows left in the L2
-    "gram_per_array": {"gram": grams.GramTiles(launch_per_array=True)},
-    "gram_c2_xla_split": {"gram": grams.GramTiles(consumers=2), "parts": False},
+    # the Gram kernel as one launch for Q and K (until the twelfth session), where the
+    # default is now one per array (Q, then K: only K rows left in the L2 for K_fused)
+    "gram_one_launch": {"gram": S11_GRAM},
+    "one_launch_xla_split": {"gram": S11_GRAM, "parts": False},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

@@ -125,13 +125,14 @@ def test_multi_lowers_for_cuda_on_cpu():
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1)),
       jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16),
       jax.ShapeDtypeStruct((2, 1096, 2, 128), jnp.bfloat16))
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  launches = 2 if grams.TILES.launch_per_array else 1   # one per array, or one for both
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == launches
   stacked = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(512, 1024), num_blocks=(2, 1),
                                            stacked=True),
       jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16),
       jax.ShapeDtypeStruct((2, 1096, 2, 128), jnp.bfloat16))
-  assert stacked.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert stacked.count("stablehlo.custom_call @mosaic_gpu") == launches
   assert "tensor<36x128x128xf32>" in stacked   # 2*8*2 query Grams, then 2*2 key Grams
 
 
@@ -185,10 +186,11 @@ def test_two_consumers_need_64_gram_rows_each():
 
 
 PER_ARRAY = grams.GramTiles(launch_per_array=True)  # Q's Grams, then K's: two launches
+ONE_LAUNCH = grams.GramTiles(launch_per_array=False)  # the default until the twelfth session
 
 
 @pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True),
-                                   PER_ARRAY])
+                                   PER_ARRAY, ONE_LAUNCH])
 def test_other_tilings_lower_for_cuda_on_cpu(tiles):
   text = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
@@ -203,8 +205,9 @@ def test_other_tilings_lower_for_cuda_on_cpu(tiles):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(reverse=True),
-                                   grams.GramTiles(consumers=2, reverse=True), PER_ARRAY])
+@pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(reverse=False),
+                                   grams.GramTiles(consumers=2, reverse=True), PER_ARRAY,
+                                   ONE_LAUNCH])
 def test_other_tilings_match_einsum(tiles):
   q = _x(7, (1, 16384, 16, 128), jnp.bfloat16)
   k = _x(8, (2, 1096, 2, 128), jnp.bfloat16)
@@ -218,11 +221,11 @@ def test_other_tilings_match_einsum(tiles):
 @requires_gpu
 def test_launch_per_array_stacked_and_pooled():
   """One launch per array into one stacked output, query heads pooled per kv head (the
-  lowrank path's call), against the one-launch default."""
+  lowrank path's call), against one launch for both arrays."""
   q = _x(9, (2, 2048, 4, 128), jnp.bfloat16)
   k = _x(10, (2, 2048, 2, 128), jnp.bfloat16)
   kw = dict(block_rows=(1024, 2048), num_blocks=(2, 1), stacked=True, pool=(2, 1))
   got = grams.gram_blocks_multi((q, k), tiles=PER_ARRAY, **kw)
-  want = grams.gram_blocks_multi((q, k), **kw)
+  want = grams.gram_blocks_multi((q, k), tiles=ONE_LAUNCH, **kw)
   assert got.shape == want.shape == (2 * 2 * 2 + 2 * 2, 128, 128)
   assert _rel(got, want) < 1e-5

@@ -57,8 +57,9 @@ class GramTiles:
   reverse: bool = True
   # One launch per array (`gram_blocks_multi`), each with its own one-wave split count,
   # instead of the arrays sharing one launch: the last array's rows (the keys, which the
-  # K_fused projection reads next) are then all that is left in the L2.
-  launch_per_array: bool = False
+  # K_fused projection reads next) are then all that is left in the L2, and with 16
+  # row tiles a CTA its CTAs cover the projection's CTAs' ranges exactly.
+  launch_per_array: bool = True
 
   def __post_init__(self):
     if self.consumers not in (1, 2):
