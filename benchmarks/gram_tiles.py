@@ -22,8 +22,8 @@ from benchmarks import timing
 from pallas_kernels.mosaic_gpu import grams
 
 # (tile rows, stages, splits or None for the kernel's choice[, consumer warpgroups]), Q
-# and K in one launch (the default until the twelfth session: now "per-array", one launch
-# each); the first is that launch's default. --only picks some by name.
+# and K in one launch (the default; "per-array" below: one launch each); the first is the
+# default. --only picks some by name.
 VARIANTS = ((128, 4, None), (128, 2, None), (128, 5, None), (64, 4, None), (64, 8, None),
             (256, 2, None), (128, 4, 2), (128, 4, 8),
             (128, 4, None, 2), (128, 3, None, 2), (256, 2, None, 2), (64, 8, None, 2))
@@ -63,9 +63,9 @@ def main(argv=None):
     name = f"contiguous-t{rows_}-s{stages}"
     rows[name] = _time(qc, kc, grams.GramTiles(rows_, stages, launch_per_array=False), None)
     print(name, rows[name], flush=True)
-  # One launch per array (the default from the twelfth session): Q's Grams, then K's.
+  # One launch per array (GramTiles.launch_per_array): Q's Grams, then K's.
   if not only or "per-array" in only:
-    rows["per-array"] = _time(q, k, grams.GramTiles(), None)
+    rows["per-array"] = _time(q, k, grams.GramTiles(launch_per_array=True), None)
     print("per-array", rows["per-array"], flush=True)
   info = timing.device_info()
   path = os.path.join(args.out_dir, "gram-tiles-{}-{}{}.json".format(

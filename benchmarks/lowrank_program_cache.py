@@ -153,10 +153,11 @@ TILE_CASES = {
     # the maps split for the Mosaic kernels by XLA (two fusions), as until the twelfth
     # session, instead of by the factorisation program (HeadReduction.map_parts)
     "xla_split": {"parts": False},
-    # the Gram kernel as one launch for Q and K (until the twelfth session), where the
-    # default is now one per array (Q, then K: only K rows left in the L2 for K_fused)
+    # the Gram kernel as one launch for Q and K (the default; pinned: it was not in run
+    # s12r2, which measured it against one launch per array, Q then K)
     "gram_one_launch": {"gram": S11_GRAM},
-    "one_launch_xla_split": {"gram": S11_GRAM, "parts": False},
+    "gram_per_array": {"gram": grams.GramTiles(launch_per_array=True)},
+    "per_array_xla_split": {"gram": grams.GramTiles(launch_per_array=True), "parts": False},
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

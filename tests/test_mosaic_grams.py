@@ -186,7 +186,7 @@ def test_two_consumers_need_64_gram_rows_each():
 
 
 PER_ARRAY = grams.GramTiles(launch_per_array=True)  # Q's Grams, then K's: two launches
-ONE_LAUNCH = grams.GramTiles(launch_per_array=False)  # the default until the twelfth session
+ONE_LAUNCH = grams.GramTiles(launch_per_array=False)  # the default, pinned
 
 
 @pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True),

@@ -57,9 +57,10 @@ class GramTiles:
   reverse: bool = True
   # One launch per array (`gram_blocks_multi`), each with its own one-wave split count,
   # instead of the arrays sharing one launch: the last array's rows (the keys, which the
-  # K_fused projection reads next) are then all that is left in the L2, and with 16
-  # row tiles a CTA its CTAs cover the projection's CTAs' ranges exactly.
-  launch_per_array: bool = True
+  # K_fused projection reads next) are then all that is left in the L2. Measured inside
+  # the lowrank call (H100, 2026-12-07, run s12r2): K_fused 0.0274 -> 0.0237 ms, but the
+  # Grams 0.0535 -> 0.0590 (each launch's ramp-up and tail): 0.0023 ms slower in all.
+  launch_per_array: bool = False
 
   def __post_init__(self):
     if self.consumers not in (1, 2):
