@@ -157,6 +157,8 @@ TILE_CASES = {
     # s12r2, which measured it against one launch per array, Q then K)
     "gram_one_launch": {"gram": S11_GRAM},
     "gram_per_array": {"gram": grams.GramTiles(launch_per_array=True)},
+    # one launch, each CTA reading its Q rows and then its K rows (not yet measured)
+    "gram_keys_last": {"gram": grams.GramTiles(keys_last=True)},
     "per_array_xla_split": {"gram": grams.GramTiles(launch_per_array=True), "parts": False},
 }
 DEFAULT_ONLY = "default,subspace_tf32"

@@ -187,10 +187,11 @@ def test_two_consumers_need_64_gram_rows_each():
 
 PER_ARRAY = grams.GramTiles(launch_per_array=True)  # Q's Grams, then K's: two launches
 ONE_LAUNCH = grams.GramTiles(launch_per_array=False)  # the default, pinned
+KEYS_LAST = grams.GramTiles(keys_last=True)  # each CTA: its Q rows, then its K rows
 
 
 @pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True),
-                                   PER_ARRAY, ONE_LAUNCH])
+                                   PER_ARRAY, ONE_LAUNCH, KEYS_LAST])
 def test_other_tilings_lower_for_cuda_on_cpu(tiles):
   text = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
@@ -229,3 +230,37 @@ def test_launch_per_array_stacked_and_pooled():
   want = grams.gram_blocks_multi((q, k), tiles=ONE_LAUNCH, **kw)
   assert got.shape == want.shape == (2 * 2 * 2 + 2 * 2, 128, 128)
   assert _rel(got, want) < 1e-5
+
+
+def test_keys_last_options_are_checked():
+  with pytest.raises(ValueError, match="keys_last takes one launch"):
+    grams.GramTiles(keys_last=True, launch_per_array=True)
+  with pytest.raises(ValueError, match="one consumer"):
+    grams.GramTiles(keys_last=True, consumers=2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("shapes,kw", [
+    (((1, 16384, 16, 128), (1, 16384, 16, 128)),          # issue 14's shape, stacked
+     dict(block_rows=(16384, 16384), num_blocks=(1, 1), stacked=True)),
+    (((2, 1024, 4, 64), (2, 1024, 4, 64)),                # d=64, two blocks, two outputs
+     dict(block_rows=(512, 512), num_blocks=(2, 2))),
+    (((2, 2048, 4, 128), (2, 2048, 2, 128)),              # GQA pooled: not chained
+     dict(block_rows=(1024, 2048), num_blocks=(2, 1), stacked=True, pool=(2, 1))),
+])
+def test_keys_last_matches_one_launch_and_einsum(shapes, kw):
+  """keys_last (each CTA streams its query rows, then its key rows) against the usual
+  one launch and against einsum."""
+  q = _x(11, shapes[0], jnp.bfloat16)
+  k = _x(12, shapes[1], jnp.bfloat16)
+  got = grams.gram_blocks_multi((q, k), tiles=KEYS_LAST, **kw)
+  want = grams.gram_blocks_multi((q, k), tiles=ONE_LAUNCH, **kw)
+  got, want = (jnp.concatenate([g.reshape(-1, *g.shape[-2:]) for g in x])
+               if isinstance(x, tuple) else x for x in (got, want))
+  assert got.shape == want.shape
+  assert _rel(got, want) < 1e-5
+  if not kw.get("pool"):
+    nq = shapes[0][0] * shapes[0][2] * kw["num_blocks"][0]
+    assert _rel(got[:nq].reshape(shapes[0][0], shapes[0][2], -1, *got.shape[-2:]),
+                _einsum_grams(q, kw["block_rows"][0])) < 1e-5

@@ -55,6 +55,12 @@ class GramTiles:
   stages: int = 4
   consumers: int = 1
   reverse: bool = True
+  # Two arrays in one launch, each CTA taking a row range of the first array and then
+  # one of the second (`gram_blocks_multi`; where both arrays have as many row blocks of
+  # as many tiles, one consumer): the last rows read, which the L2 keeps, are then all
+  # the second array's (the keys, which the K_fused projection reads next) without a
+  # second launch's ramp-up and tail (`launch_per_array`). Not yet measured on a GPU.
+  keys_last: bool = False
   # One launch per array (`gram_blocks_multi`), each with its own one-wave split count,
   # instead of the arrays sharing one launch: the last array's rows (the keys, which the
   # K_fused projection reads next) are then all that is left in the L2. Measured inside
@@ -69,6 +75,9 @@ class GramTiles:
       raise ValueError(f"tile_rows must be 64, 128, 192 or 256, got {self.tile_rows}")
     if not 1 <= self.stages <= 8:
       raise ValueError(f"stages must be in [1, 8], got {self.stages}")
+    if self.keys_last and (self.launch_per_array or self.consumers != 1):
+      raise ValueError("keys_last takes one launch (launch_per_array=False) and one "
+                       "consumer")
 
   def smem_bytes(self, d: int, itemsize: int) -> int:
     return self.stages * self.tile_rows * d * itemsize + d * d * 4
@@ -175,6 +184,11 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     raise ValueError(f"the arrays must share d and dtype, got {[(x.shape, x.dtype) for x in xs]}")
   tile_rows = tiles.tile_rows
   tiles_per_block = [rows // tile_rows for rows in block_rows]
+  row_blocks = [x.shape[0] * x.shape[2] * nb for x, nb in zip(xs, num_blocks)]
+  # keys_last: two arrays of as many row blocks of as many tiles share every CTA, the
+  # first array's range then the second's (elsewhere the usual single launch).
+  chained = (tiles.keys_last and len(xs) == 2 and row_blocks[0] == row_blocks[1]
+             and tiles_per_block[0] == tiles_per_block[1])
   # Launch groups: every array in one launch, or (launch_per_array) one launch each.
   groups = ([[i] for i in range(len(xs))] if tiles.launch_per_array
             else [list(range(len(xs)))])
@@ -182,7 +196,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   for group in groups:
     group_split = splits
     if group_split is None:
-      base = sum(xs[i].shape[0] * xs[i].shape[2] * num_blocks[i] for i in group)
+      base = row_blocks[0] if chained else sum(row_blocks[i] for i in group)
       group_split = pick_splits(base, math.gcd(*(tiles_per_block[i] for i in group)))
     if group_split < 1 or any(tiles_per_block[i] % group_split for i in group):
       raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
@@ -196,7 +210,8 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       plans[i] = _ArrayPlan(batch=x.shape[0], heads=x.shape[2], per_head=nb * group_split,
                             tiles_per_cta=n // group_split, first_cta=first_cta,
                             first_gram=first_gram, heads_per_gram=p, splits=group_split)
-      first_cta += x.shape[0] * x.shape[2] * nb * group_split
+      if not chained:  # chained: both arrays on CTAs [0, n)
+        first_cta += x.shape[0] * x.shape[2] * nb * group_split
       first_gram += x.shape[0] * x.shape[2] // p * nb
   consumers = tiles.consumers
   dm = d // consumers
@@ -252,11 +267,76 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
                           (x_smems,), (loaded,), (free,), num_tiles=tiles_per_cta,
                           stages=min(stages, tiles_per_cta), first=first)
 
+  def chained_arrays(x_refs, out_refs, stages, x_smems, gram_smem, loaded, free):
+    """keys_last: this CTA's row range of x_0, then its range of x_1, as one stream of
+    2n tiles through the slots (tile j in slot j % stages); each Gram reduce-added as
+    soon as its n tiles are in."""
+    cta = lax.axis_index("cta")
+    n = plans[0].tiles_per_cta
+    views = []  # per array: (batch row, head, first tile, target Gram)
+    for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
+      chunk = lax.rem(cta, i32(plan.per_head))
+      bh = lax.div(cta, i32(plan.per_head))
+      bi, hi = lax.div(bh, i32(plan.heads)), lax.rem(bh, i32(plan.heads))
+      bg = lax.div(bh, i32(plan.heads_per_gram))
+      gi = lax.div(hi, i32(plan.heads_per_gram))
+      block = lax.div(chunk, i32(plan.splits))
+      target = (out_ref.at[plan.first_gram + bg * (plan.per_head // plan.splits) + block]
+                if stacked else out_ref.at[bi, gi, block])
+      views.append((x_ref, bi, hi, chunk * n, target))
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _consumer():
+      def step(j, acc):
+        slot = lax.rem(j, i32(stages))
+        plgpu.barrier_wait(loaded.at[slot])
+
+        def gram(acc_ref):  # acc += X_t^T X_t
+          plgpu.wgmma(acc_ref, x_smems.at[slot].T, x_smems.at[slot])
+        acc = pl.run_state(gram)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(free.at[slot])
+        return acc
+
+      for a, (_, _, _, _, target) in enumerate(views):
+        acc = lax.fori_loop(a * n, (a + 1) * n, step, common.zeros_acc((d, d)))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous Gram's store read
+        gram_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(gram_smem, target, reduction_op="add")
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(i, slot):  # tile i of the 2n: array i // n, its tile i % n of the range
+        for a, (x_ref, bi, hi, first, _) in enumerate(views):
+          t = i - a * n
+          row_tile = first + n - 1 - t if tiles.reverse else first + t
+
+          @pl.when((i >= a * n) & (i < (a + 1) * n))
+          def _(x_ref=x_ref, bi=bi, hi=hi, row_tile=row_tile):
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, pl.ds(row_tile * tile_rows, tile_rows), hi],
+                                    x_smems.at[slot], loaded.at[slot])
+
+      for s in range(min(stages, 2 * n)):  # fill every slot
+        load(i32(s), s)
+
+      @pl.loop(0, 2 * n - min(stages, 2 * n))
+      def _(j):  # refill each slot once the consumer has freed it
+        slot = lax.rem(j, i32(stages))
+        plgpu.barrier_wait(free.at[slot])
+        load(j + stages, slot)
+
   def kernel(refs, scoped, group, stages):
     x_refs, out_refs = refs[:len(group)], refs[len(group):]
     cta = lax.axis_index("cta")
     if stacked:
       out_refs = out_refs * len(group)
+    if chained:
+      chained_arrays(x_refs, out_refs, stages, *scoped)
+      return
     for x_ref, out_ref, i in zip(x_refs, out_refs, group):
       plan = plans[i]
       first = plan.first_cta
@@ -270,7 +350,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     outs = [jax.new_ref(jnp.zeros((x.shape[0], x.shape[2] // p, nb, d, d), jnp.float32))
             for x, nb, p in zip(xs, num_blocks, pool)]
   for group in groups:
-    stages = min(tiles.stages, max(plans[i].tiles_per_cta for i in group))
+    stages = min(tiles.stages, max(plans[i].tiles_per_cta for i in group) * (1 + chained))
 
     def distr_gram(*refs, group=group, stages=stages):  # (the name the profiler shows)
       smem = (plgpu.SMEM((stages, tile_rows, d), dtype,
