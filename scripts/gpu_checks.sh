@@ -57,7 +57,9 @@ if [ "$what" = tiles ]; then
   # call against cuDNN (B=1, H=16, N=16384, d=128, G=4), then their GPU parity tests.
   # Run s11r1 was: TAG=-s11r1 IN_CALL=default,gram_rev,proj_t16,gram_rev_proj_t16,proj_c2
   # PROJ_ONLY=sNone-tNone-c1,s2-tNone-c1,s4-t16-c1,sNone-tNone-c2,s2-tNone-c2,s2-t16-c2
-  # TESTS_K=tilings (the defaults then: Gram rows forward, two-wave K_fused).
+  # TESTS_K=tilings (the defaults then: Gram rows forward, two-wave K_fused). Run s12r2
+  # (twelfth session) timed IN_CALL=default,gram_one_launch,xla_split with one launch per
+  # array as the default then; gram_keys_last is next.
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
     --only "${PROJ_ONLY:-}" 2>&1 \
@@ -67,11 +69,11 @@ if [ "$what" = tiles ]; then
     --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
     | grep -v Warn | cut -c1-220
   timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
-    --in-call "${IN_CALL:-default,tiles_s10,gram_c2_rev}" \
+    --in-call "${IN_CALL:-default,gram_keys_last,xla_split}" \
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
   timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
-    tests/test_mosaic_grams.py -k "${TESTS_K:-tilings or match}" > "$out/tiles-tests.log" 2>&1
+    tests/test_mosaic_grams.py -k "${TESTS_K:-tilings or match or keys_last}" > "$out/tiles-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/tiles-tests.log" | cut -c1-200 | tail -20
 fi
 if [ "$what" = prep ]; then
