@@ -190,10 +190,13 @@ def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = Non
   return out[:, :q_len], lse[:, :, :q_len]
 
 
-def project_queries(q, q_map):
+def project_queries(q, q_map, q_map_parts=None):
   """`Q_rep = q q_map` `[B, T, H, r]` in q's dtype as the projected forward computes it:
-  the map as two parts of q's dtype (`split_map`), float32 products, one rounding."""
-  return split_product("bthd,bhrd->bthr", q, split_map(q_map, q.dtype)).astype(q.dtype)
+  the map as two parts of q's dtype (`split_map`, or `q_map_parts` if already split),
+  float32 products, one rounding."""
+  if q_map_parts is None:
+    q_map_parts = split_map(q_map, q.dtype)
+  return split_product("bthd,bhrd->bthr", q, q_map_parts).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -212,7 +215,7 @@ def _attention_projected_bwd(causal, tiles, residuals, d_out):
   q, q_map, parts, k, v, out, lse = residuals
   # The backward kernels take Q_rep: recomputed here (one read of Q), not kept from the
   # forward, whose kernel never writes it.
-  q_rep = split_product("bthd,bhrd->bthr", q, parts).astype(q.dtype)  # project_queries
+  q_rep = project_queries(q, q_map, parts)
   d_q_rep, dk, dvv = backward(q_rep, k, v, out, lse, d_out, causal=causal, tiles=tiles)
   # dq with the map the forward used; the map's own gradient is dead code (removed by
   # XLA) where it is held constant. Default precision: exact products (split_product).

@@ -216,38 +216,51 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
   consumers = tiles.consumers
   dm = d // consumers
 
-  def one_array(x_ref, out_ref, plan, stages, local, x_smems, gram_smem, loaded, free):
-    per_head, tiles_per_cta, splits = plan.per_head, plan.tiles_per_cta, plan.splits
-    chunk = lax.rem(local, i32(per_head))
-    bh = lax.div(local, i32(per_head))
+  def cta_coords(plan, local):
+    """(chunk, batch row, head, flat (batch row, Gram head), Gram head, row block) of
+    CTA `local` of an array."""
+    chunk = lax.rem(local, i32(plan.per_head))
+    bh = lax.div(local, i32(plan.per_head))
     bi, hi = lax.div(bh, i32(plan.heads)), lax.rem(bh, i32(plan.heads))
     bg = lax.div(bh, i32(plan.heads_per_gram))  # (batch row, Gram head), flat
     gi = lax.div(hi, i32(plan.heads_per_gram))  # the Gram head
-    block = lax.div(chunk, i32(splits))
+    return chunk, bi, hi, bg, gi, lax.div(chunk, i32(plan.splits))
+
+  def gram_target(out_ref, plan, bi, gi, bg, block):
+    """The output Gram a CTA's partial is reduce-added into."""
+    return (out_ref.at[plan.first_gram + bg * (plan.per_head // plan.splits) + block]
+            if stacked else out_ref.at[bi, gi, block])
+
+  def gram_step(stages, x_smems, loaded, free, rows=None):
+    """fori_loop body of a consumer: acc += X_t^T X_t for tile j (in slot j % stages),
+    `rows` of the Gram (None: all), then the slot is freed."""
+    def step(j, acc):
+      slot = lax.rem(j, i32(stages))
+      plgpu.barrier_wait(loaded.at[slot])
+
+      def gram(acc_ref):  # acc += X_t^T X_t  ([dm, d], contracted over the tile's rows)
+        lhs = x_smems.at[slot].T if rows is None else x_smems.at[slot, :, rows].T
+        plgpu.wgmma(acc_ref, lhs, x_smems.at[slot])
+      acc = pl.run_state(gram)(plgpu.ACC.init(acc))  # reading it waits for the wgmma
+      plgpu.barrier_arrive(free.at[slot])
+      return acc
+    return step
+
+  def one_array(x_ref, out_ref, plan, stages, local, x_smems, gram_smem, loaded, free):
+    tiles_per_cta = plan.tiles_per_cta
+    chunk, bi, hi, bg, gi, block = cta_coords(plan, local)
     first = chunk * tiles_per_cta  # this CTA's first tile (chunks are consecutive)
     wg = lax.axis_index("wg")
 
     def consume(c):  # rows [c * dm, (c + 1) * dm) of the Gram
       rows = pl.ds(c * dm, dm)
-
-      def step(j, acc):
-        slot = lax.rem(j, i32(stages))
-        plgpu.barrier_wait(loaded.at[slot])
-
-        def gram(acc_ref):  # acc += X_t^T X_t  ([dm, d], contracted over the tile's rows)
-          lhs = x_smems.at[slot].T if consumers == 1 else x_smems.at[slot, :, rows].T
-          plgpu.wgmma(acc_ref, lhs, x_smems.at[slot])
-        acc = pl.run_state(gram)(plgpu.ACC.init(acc))  # reading it waits for the wgmma
-        plgpu.barrier_arrive(free.at[slot])
-        return acc
-
+      step = gram_step(stages, x_smems, loaded, free, None if consumers == 1 else rows)
       acc = lax.fori_loop(0, tiles_per_cta, step, common.zeros_acc((dm, d)))
       source = gram_smem if consumers == 1 else gram_smem.at[rows]
       source[...] = acc
       plgpu.commit_smem()
       # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
-      target = (out_ref.at[plan.first_gram + bg * (per_head // splits) + block] if stacked
-                else out_ref.at[bi, gi, block])
+      target = gram_target(out_ref, plan, bi, gi, bg, block)
       plgpu.copy_smem_to_gmem(source, target if consumers == 1 else target.at[rows],
                               reduction_op="add")
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -275,29 +288,13 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     n = plans[0].tiles_per_cta
     views = []  # per array: (batch row, head, first tile, target Gram)
     for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
-      chunk = lax.rem(cta, i32(plan.per_head))
-      bh = lax.div(cta, i32(plan.per_head))
-      bi, hi = lax.div(bh, i32(plan.heads)), lax.rem(bh, i32(plan.heads))
-      bg = lax.div(bh, i32(plan.heads_per_gram))
-      gi = lax.div(hi, i32(plan.heads_per_gram))
-      block = lax.div(chunk, i32(plan.splits))
-      target = (out_ref.at[plan.first_gram + bg * (plan.per_head // plan.splits) + block]
-                if stacked else out_ref.at[bi, gi, block])
-      views.append((x_ref, bi, hi, chunk * n, target))
+      chunk, bi, hi, bg, gi, block = cta_coords(plan, cta)
+      views.append((x_ref, bi, hi, chunk * n, gram_target(out_ref, plan, bi, gi, bg, block)))
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 0)
     def _consumer():
-      def step(j, acc):
-        slot = lax.rem(j, i32(stages))
-        plgpu.barrier_wait(loaded.at[slot])
-
-        def gram(acc_ref):  # acc += X_t^T X_t
-          plgpu.wgmma(acc_ref, x_smems.at[slot].T, x_smems.at[slot])
-        acc = pl.run_state(gram)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(free.at[slot])
-        return acc
-
+      step = gram_step(stages, x_smems, loaded, free)
       for a, (_, _, _, _, target) in enumerate(views):
         acc = lax.fori_loop(a * n, (a + 1) * n, step, common.zeros_acc((d, d)))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous Gram's store read
