@@ -153,11 +153,12 @@ TILE_CASES = {
     # the maps split for the Mosaic kernels by XLA (two fusions), as until the twelfth
     # session, instead of by the factorisation program (HeadReduction.map_parts)
     "xla_split": {"parts": False},
-    # the Gram kernel as one launch for Q and K (the default; pinned: it was not in run
-    # s12r2, which measured it against one launch per array, Q then K)
+    # the Gram kernel as one launch for Q and K, each CTA one array's rows (the default
+    # until the thirteenth session, pinned)
     "gram_one_launch": {"gram": S11_GRAM},
     "gram_per_array": {"gram": grams.GramTiles(launch_per_array=True)},
-    # one launch, each CTA reading its Q rows and then its K rows (not yet measured)
+    # one launch, each CTA reading its Q rows and then its K rows (the default since the
+    # thirteenth session, run s13r1)
     "gram_keys_last": {"gram": grams.GramTiles(keys_last=True)},
     "per_array_xla_split": {"gram": grams.GramTiles(launch_per_array=True), "parts": False},
 }

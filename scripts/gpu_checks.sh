@@ -59,7 +59,8 @@ if [ "$what" = tiles ]; then
   # PROJ_ONLY=sNone-tNone-c1,s2-tNone-c1,s4-t16-c1,sNone-tNone-c2,s2-tNone-c2,s2-t16-c2
   # TESTS_K=tilings (the defaults then: Gram rows forward, two-wave K_fused). Run s12r2
   # (twelfth session) timed IN_CALL=default,gram_one_launch,xla_split with one launch per
-  # array as the default then; gram_keys_last is next.
+  # array as the default then. Run s13r1 (thirteenth session) timed
+  # IN_CALL=default,gram_one_launch with keys_last the default.
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
     --only "${PROJ_ONLY:-}" 2>&1 \
@@ -69,7 +70,7 @@ if [ "$what" = tiles ]; then
     --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
     | grep -v Warn | cut -c1-220
   timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
-    --in-call "${IN_CALL:-default,gram_keys_last,xla_split}" \
+    --in-call "${IN_CALL:-default,gram_one_launch}" \
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
   timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
