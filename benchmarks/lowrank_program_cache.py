@@ -161,6 +161,24 @@ TILE_CASES = {
     # thirteenth session, run s13r1)
     "gram_keys_last": {"gram": grams.GramTiles(keys_last=True)},
     "per_array_xla_split": {"gram": grams.GramTiles(launch_per_array=True), "parts": False},
+    # thirteenth session: keys_last's pipeline (slots, tile rows) and the projection's
+    # with it (not yet measured)
+    "keys_last_s3": {"gram": grams.GramTiles(keys_last=True, stages=3)},
+    "keys_last_s5": {"gram": grams.GramTiles(keys_last=True, stages=5)},
+    "keys_last_t64_s8": {"gram": grams.GramTiles(keys_last=True, tile_rows=64, stages=8)},
+    "keys_last_t256_s2": {"gram": grams.GramTiles(keys_last=True, tile_rows=256, stages=2)},
+    "keys_last_proj_s2": {"proj": project.ProjectTiles(stages=2)},
+    "keys_last_proj_c2": {"proj": project.ProjectTiles(consumers=2)},
+    "keys_last_r8": {"gram": grams.GramTiles(keys_last=True, reduce_slices=8)},
+    "keys_last_r4": {"gram": grams.GramTiles(keys_last=True, reduce_slices=4)},
+    # after run s13r2: three slots (the default since), with the others that gained there
+    "keys_last_s3_r4": {"gram": grams.GramTiles(keys_last=True, stages=3, reduce_slices=4)},
+    "keys_last_s3_proj_c2": {"gram": grams.GramTiles(keys_last=True, stages=3),
+                             "proj": project.ProjectTiles(consumers=2)},
+    "keys_last_s3_r4_proj_c2": {"gram": grams.GramTiles(keys_last=True, stages=3,
+                                                        reduce_slices=4),
+                                "proj": project.ProjectTiles(consumers=2)},
+    "default_repeat": {},  # the shipped pipelines again, later in the same process
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32

@@ -191,7 +191,11 @@ KEYS_LAST = grams.GramTiles(keys_last=True)  # each CTA: its Q rows, then its K 
 
 
 @pytest.mark.parametrize("tiles", [TWO_CONSUMERS, grams.GramTiles(consumers=2, reverse=True),
-                                   PER_ARRAY, ONE_LAUNCH, KEYS_LAST])
+                                   PER_ARRAY, ONE_LAUNCH, KEYS_LAST,
+                                   grams.GramTiles(keys_last=True, tile_rows=64, stages=8),
+                                   grams.GramTiles(keys_last=True, tile_rows=256, stages=2),
+                                   grams.GramTiles(keys_last=True, reduce_slices=8),
+                                   grams.GramTiles(reduce_slices=4)])
 def test_other_tilings_lower_for_cuda_on_cpu(tiles):
   text = lower_for_h100(
       lambda q, k: grams.gram_blocks_multi((q, k), block_rows=(16384, 16384),
@@ -232,7 +236,34 @@ def test_launch_per_array_stacked_and_pooled():
   assert _rel(got, want) < 1e-5
 
 
+KEYS_LAST_PIPELINES = [grams.GramTiles(keys_last=True, stages=3),
+                       grams.GramTiles(keys_last=True, stages=5),
+                       grams.GramTiles(keys_last=True, tile_rows=64, stages=8),
+                       grams.GramTiles(keys_last=True, tile_rows=256, stages=2),
+                       grams.GramTiles(keys_last=True, reduce_slices=8),
+                       grams.GramTiles(keys_last=True, reduce_slices=4)]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("tiles", KEYS_LAST_PIPELINES,
+                         ids=lambda t: f"t{t.tile_rows}-s{t.stages}-r{t.reduce_slices}")
+def test_keys_last_pipelines_match_einsum(tiles):
+  """keys_last with other slot counts and tile heights (benchmark variants), at issue
+  14's shape with every Gram in one array."""
+  q = _x(13, (1, 16384, 16, 128), jnp.bfloat16)
+  k = _x(14, (1, 16384, 16, 128), jnp.bfloat16)
+  got = grams.gram_blocks_multi((q, k), block_rows=(16384, 16384), num_blocks=(1, 1),
+                                stacked=True, tiles=tiles)
+  assert _rel(got[:16], _einsum_grams(q, 16384).reshape(16, 128, 128)) < 1e-5
+  assert _rel(got[16:], _einsum_grams(k, 16384).reshape(16, 128, 128)) < 1e-5
+
+
 def test_keys_last_options_are_checked():
+  with pytest.raises(ValueError, match="reduce_slices must be"):
+    grams.GramTiles(reduce_slices=3)
+  with pytest.raises(ValueError, match="reduce_slices must be"):
+    grams.GramTiles(reduce_slices=2, consumers=2)
   with pytest.raises(ValueError, match="keys_last takes one launch"):
     grams.GramTiles(keys_last=True, launch_per_array=True)
   with pytest.raises(ValueError, match="one consumer"):

@@ -70,6 +70,13 @@ class GramTiles:
   # the lowrank call (H100, 2026-12-07, run s12r2): K_fused 0.0274 -> 0.0237 ms, but the
   # Grams 0.0535 -> 0.0590 (each launch's ramp-up and tail): 0.0023 ms slower in all.
   launch_per_array: bool = False
+  # Each CTA's partial Gram reduce-added as this many row slices, the CTA of split s
+  # starting at slice s (mod the count), so that the splits of a Gram, which finish
+  # together, add into different rows at a time rather than all into the same lines.
+  # One consumer only. GPU-tested; in the lowrank call at issue 14's shape (H100,
+  # 2026-12-07, run s13r2) the pre-pass took 0.1591 ms with 4 slices, 0.1599 with 8 or 1:
+  # within the runs' noise, so not the default.
+  reduce_slices: int = 1
 
   def __post_init__(self):
     if self.consumers not in (1, 2):
@@ -81,6 +88,10 @@ class GramTiles:
     if self.keys_last and (self.launch_per_array or self.consumers != 1):
       raise ValueError("keys_last takes one launch (launch_per_array=False) and one "
                        "consumer")
+    if self.reduce_slices not in (1, 2, 4, 8) or (self.reduce_slices > 1
+                                                   and self.consumers != 1):
+      raise ValueError(f"reduce_slices must be 1, 2, 4 or 8 (with one consumer), got "
+                       f"{self.reduce_slices} with consumers={self.consumers}")
 
   def smem_bytes(self, d: int, itemsize: int) -> int:
     return self.stages * self.tile_rows * d * itemsize + d * d * 4
@@ -236,6 +247,18 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     return (out_ref.at[plan.first_gram + bg * (plan.per_head // plan.splits) + block]
             if stacked else out_ref.at[bi, gi, block])
 
+  def reduce_add(source, target, split):
+    """TMA reduce-add of a CTA's partial `[d, d]` into its output Gram, as
+    `reduce_slices` row slices starting at slice `split` (mod the count)."""
+    count = tiles.reduce_slices
+    if count == 1:
+      plgpu.copy_smem_to_gmem(source, target, reduction_op="add")
+      return
+    rows = d // count
+    for i in range(count):
+      at = pl.ds(lax.rem(split + i, i32(count)) * rows, rows)
+      plgpu.copy_smem_to_gmem(source.at[at], target.at[at], reduction_op="add")
+
   def gram_step(stages, x_smems, loaded, free, rows=None):
     """fori_loop body of a consumer: acc += X_t^T X_t for tile j (in slot j % stages),
     `rows` of the Gram (None: all), then the slot is freed."""
@@ -266,8 +289,10 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       plgpu.commit_smem()
       # The splits of a block meet in HBM: TMA reduce-add into the zeroed output.
       target = gram_target(out_ref, plan, bi, gi, bg, block)
-      plgpu.copy_smem_to_gmem(source, target if consumers == 1 else target.at[rows],
-                              reduction_op="add")
+      if consumers == 1:
+        reduce_add(source, target, lax.rem(chunk, i32(plan.splits)))
+      else:
+        plgpu.copy_smem_to_gmem(source, target.at[rows], reduction_op="add")
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     for c in range(consumers):
@@ -295,6 +320,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
       chunk, bi, hi, bg, gi, block = cta_coords(plan, cta)
       views.append((x_ref, bi, hi, chunk * n, gram_target(out_ref, plan, bi, gi, bg, block)))
+    split = lax.rem(cta_coords(plans[0], cta)[0], i32(plans[0].splits))  # both arrays'
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 0)
@@ -305,7 +331,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous Gram's store read
         gram_smem[...] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(gram_smem, target, reduction_op="add")
+        reduce_add(gram_smem, target, split)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == 1)
