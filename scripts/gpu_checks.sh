@@ -60,7 +60,8 @@ if [ "$what" = tiles ]; then
   # TESTS_K=tilings (the defaults then: Gram rows forward, two-wave K_fused). Run s12r2
   # (twelfth session) timed IN_CALL=default,gram_one_launch,xla_split with one launch per
   # array as the default then. Run s13r1 (thirteenth session) timed
-  # IN_CALL=default,gram_one_launch with keys_last the default.
+  # IN_CALL=default,gram_one_launch with keys_last the default; run s13r2 the keys_last_*
+  # pipelines (3 slots best, 0.1589 ms, once); its second run is the default now.
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
     --only "${PROJ_ONLY:-}" 2>&1 \
@@ -70,11 +71,11 @@ if [ "$what" = tiles ]; then
     --only t128-s4-spNone,t128-s4-spNone-c2,t128-s3-spNone-c2,t256-s2-spNone-c2 2>&1 \
     | grep -v Warn | cut -c1-220
   timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="$tag" \
-    --in-call "${IN_CALL:-default,gram_one_launch}" \
+    --in-call "${IN_CALL:-default,keys_last_s3,keys_last_s3_proj_c2,keys_last_s3_r4,default_repeat}" \
     --out-dir "$out" > "$out/prepass.log" 2>&1
   grep -v Warn "$out/prepass.log" | grep "in call\|cudnn" | cut -c1-300
   timeout 120 python -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_mosaic_project.py \
-    tests/test_mosaic_grams.py -k "${TESTS_K:-tilings or match or keys_last}" > "$out/tiles-tests.log" 2>&1
+    tests/test_mosaic_grams.py -k "${TESTS_K:-tilings or match or keys_last or pipelines}" > "$out/tiles-tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR" "$out/tiles-tests.log" | cut -c1-200 | tail -20
 fi
 if [ "$what" = prep ]; then
