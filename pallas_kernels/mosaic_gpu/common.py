@@ -191,7 +191,8 @@ def kv_loop(step, carry, plain_tiles, num_tiles, *, masked_tail: bool):
   return carry
 
 
-def stream_tiles(sources, smems, loaded, free, *, num_tiles, stages: int, first=0):
+def stream_tiles(sources, smems, loaded, free, *, num_tiles, stages: int, first=0,
+                 load=None):
   """Body of a TMA producer warpgroup: streams tiles first .. first + num_tiles - 1 of
   some operands through `stages` shared-memory slots (tile first + j in slot j % stages).
 
@@ -200,14 +201,20 @@ def stream_tiles(sources, smems, loaded, free, *, num_tiles, stages: int, first=
   loaded, free: mbarriers [stages], one per operand (a tuple: the consumers free each
     operand on its own, so each reload waits for its own operand's slot) or one for all
     (a single wait per reload; `loaded` then takes one arrival per operand).
+  load(i, slot): instead of `sources`, issues tile i's copies itself (e.g. from one of
+    several arrays, chosen at run time); one barrier for all (`free` not a tuple).
   The consumers wait on `loaded` and arrive on `free` when done with a slot.
   """
   shared = not isinstance(free, (tuple, list))
   loaded = (loaded,) * len(smems) if shared else tuple(loaded)
+  if load is not None and not shared:
+    raise ValueError("stream_tiles: load= takes one barrier for all operands")
 
-  def load(i, slot):
+  def load_sources(i, slot):
     for src, smem, barrier in zip(sources(i), smems, loaded, strict=True):
       plgpu.copy_gmem_to_smem(src, smem.at[slot], barrier.at[slot])
+
+  load = load_sources if load is None else load
 
   for s in range(stages):  # fill every slot
     pl.when(s < num_tiles)(lambda s=s: load(first + s, s))

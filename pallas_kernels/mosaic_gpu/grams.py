@@ -218,7 +218,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       raise ValueError(f"splits must divide the tiles of a block ({tiles_per_block}), "
                        f"got {group_split}")
     group_splits.append(group_split)
-  plans, first_grams, first_gram = [None] * len(xs), [], 0
+  plans, first_gram = [None] * len(xs), 0
   for group, group_split in zip(groups, group_splits):
     first_cta = 0
     for i in group:
@@ -320,7 +320,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
     for x_ref, out_ref, plan in zip(x_refs, out_refs, plans):
       chunk, bi, hi, bg, gi, block = cta_coords(plan, cta)
       views.append((x_ref, bi, hi, chunk * n, gram_target(out_ref, plan, bi, gi, bg, block)))
-    split = lax.rem(cta_coords(plans[0], cta)[0], i32(plans[0].splits))  # both arrays'
+    split = lax.rem(chunk, i32(plans[0].splits))  # per_head % splits == 0: both arrays agree
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 0)
@@ -339,6 +339,7 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
       plgpu.set_max_registers(40, action="decrease")
 
       def load(i, slot):  # tile i of the 2n: array i // n, its tile i % n of the range
+        i = i32(i) if isinstance(i, int) else i
         for a, (x_ref, bi, hi, first, _) in enumerate(views):
           t = i - a * n
           row_tile = first + n - 1 - t if tiles.reverse else first + t
@@ -348,14 +349,8 @@ def gram_blocks_multi(xs, *, block_rows: tuple[int, ...], num_blocks: tuple[int,
             plgpu.copy_gmem_to_smem(x_ref.at[bi, pl.ds(row_tile * tile_rows, tile_rows), hi],
                                     x_smems.at[slot], loaded.at[slot])
 
-      for s in range(min(stages, 2 * n)):  # fill every slot
-        load(i32(s), s)
-
-      @pl.loop(0, 2 * n - min(stages, 2 * n))
-      def _(j):  # refill each slot once the consumer has freed it
-        slot = lax.rem(j, i32(stages))
-        plgpu.barrier_wait(free.at[slot])
-        load(j + stages, slot)
+      common.stream_tiles(None, (x_smems,), loaded, free, num_tiles=2 * n,
+                          stages=min(stages, 2 * n), load=load)
 
   def kernel(refs, scoped, group, stages):
     x_refs, out_refs = refs[:len(group)], refs[len(group):]
