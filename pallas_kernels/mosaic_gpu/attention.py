@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.backward import dkv_call, dq_call
 from pallas_kernels.mosaic_gpu.forward import forward_call
-from pallas_kernels.mosaic_gpu.project import check_parts, split_map, split_product
+from pallas_kernels.mosaic_gpu.project import parts_for, split_product
 from pallas_kernels.mosaic_gpu.tiles import SMEM_BYTES, Tiles, pick_tiles
 
 
@@ -173,9 +173,7 @@ def forward_projected(q, q_map, k, v, *, causal: bool, tiles: Tiles | None = Non
   reason = projection_supported(q.shape, q_map.shape, v.shape, q.dtype, tiles)
   if reason:
     raise ValueError(f"forward_projected: {reason}")
-  if q_map_parts is None:
-    q_map_parts = split_map(q_map, q.dtype)
-  check_parts(q_map_parts, q_map.shape, q.dtype, "q_map_parts")
+  q_map_parts = parts_for(q_map, q.dtype, q_map_parts, "q_map_parts")
   tiles = _tiles_for(k, v, tiles)
   batch, q_len, heads, _ = q.shape
   dv = v.shape[-1]
@@ -194,9 +192,8 @@ def project_queries(q, q_map, q_map_parts=None):
   """`Q_rep = q q_map` `[B, T, H, r]` in q's dtype as the projected forward computes it:
   the map as two parts of q's dtype (`split_map`, or `q_map_parts` if already split),
   float32 products, one rounding."""
-  if q_map_parts is None:
-    q_map_parts = split_map(q_map, q.dtype)
-  return split_product("bthd,bhrd->bthr", q, q_map_parts).astype(q.dtype)
+  return split_product("bthd,bhrd->bthr", q, parts_for(q_map, q.dtype, q_map_parts,
+                                                        "q_map_parts")).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -243,8 +240,7 @@ def attention_projected(q, q_map, k, v, *, causal: bool = False, tiles: Tiles | 
   `split_map(q_map, q.dtype)` `[B, H, 2, r, d]` computed elsewhere (the lowrank program
   writes it beside the map), used as given; it gets no gradient (q_map does).
   """
-  if q_map_parts is None:
-    q_map_parts = split_map(q_map, q.dtype)
+  q_map_parts = parts_for(q_map, q.dtype, q_map_parts, "q_map_parts")
   return _attention_projected(q, q_map, jax.lax.stop_gradient(q_map_parts), k, v, causal,
                               tiles)
 

@@ -135,13 +135,17 @@ class ProjectTiles:
 TILES = ProjectTiles()
 
 
-def check_parts(parts, w_shape, dtype, name: str):
-  """ValueError unless `parts` is `split_map(w, dtype)`'s shape and dtype for a float32
-  map `w [..., d, r]`: `[..., 2, r, d]`."""
-  want = tuple(w_shape[:-2]) + (2, w_shape[-1], w_shape[-2])
+def parts_for(w, dtype, parts=None, name: str = "parts"):
+  """The float32 map `w [..., d, r]` as the kernels hold it: `parts` if given (computed
+  elsewhere, e.g. by the lowrank program; ValueError unless it has `split_map(w,
+  dtype)`'s shape `[..., 2, r, d]` and dtype), else `split_map(w, dtype)`."""
+  if parts is None:
+    return split_map(w, dtype)
+  want = tuple(w.shape[:-2]) + (2, w.shape[-1], w.shape[-2])
   if parts.shape != want or parts.dtype != jnp.dtype(dtype):
     raise ValueError(f"{name} must be split_map(map, {jnp.dtype(dtype).name}): {want} "
                      f"{jnp.dtype(dtype).name}, got {parts.shape} {parts.dtype}")
+  return parts
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))
@@ -154,8 +158,7 @@ def project_rows(x, w, *, tiles: ProjectTiles | None = None, w_parts=None):
   reason = supports(x.shape, w.shape, x.dtype)
   if reason:
     raise ValueError(f"project_rows: {reason}")
-  if w_parts is not None:
-    check_parts(w_parts, w.shape, x.dtype, "w_parts")
+  w_parts = parts_for(w, x.dtype, w_parts, "w_parts")
   batch, t, heads, d = x.shape
   out_heads, r = w.shape[1], w.shape[3]
   fan = out_heads // heads
@@ -232,7 +235,7 @@ def project_rows(x, w, *, tiles: ProjectTiles | None = None, w_parts=None):
       grid_names=("heads", "chunks", "batch"),
       num_threads=consumers + 1,
       thread_name="wg",
-  )(x, split_map(w, dtype) if w_parts is None else w_parts)
+  )(x, w_parts)
 
 
 def _project_reference(x, w):
@@ -250,9 +253,7 @@ def projected(x, w, w_parts=None):
   output heads (w as the kernel holds it, `split_map`), dw = x^T dy (float32).
   w_parts: optional `split_map(w, x.dtype)` computed elsewhere (the lowrank program
   writes it beside the map), used as given; gradients go to x and w, none to w_parts."""
-  if w_parts is None:
-    w_parts = split_map(w, x.dtype)
-  return _projected(x, w, jax.lax.stop_gradient(w_parts))
+  return _projected(x, w, jax.lax.stop_gradient(parts_for(w, x.dtype, w_parts, "w_parts")))
 
 
 @jax.custom_vjp
