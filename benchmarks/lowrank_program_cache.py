@@ -161,8 +161,8 @@ TILE_CASES = {
     # thirteenth session, run s13r1)
     "gram_keys_last": {"gram": grams.GramTiles(keys_last=True)},
     "per_array_xla_split": {"gram": grams.GramTiles(launch_per_array=True), "parts": False},
-    # thirteenth session: keys_last's pipeline (slots, tile rows) and the projection's
-    # with it (not yet measured)
+    # thirteenth session: keys_last's pipeline (slots, tile rows, reduce slices) and the
+    # projection's with it (run s13r2)
     "keys_last_s3": {"gram": grams.GramTiles(keys_last=True, stages=3)},
     "keys_last_s5": {"gram": grams.GramTiles(keys_last=True, stages=5)},
     "keys_last_t64_s8": {"gram": grams.GramTiles(keys_last=True, tile_rows=64, stages=8)},

@@ -61,7 +61,7 @@ if [ "$what" = tiles ]; then
   # (twelfth session) timed IN_CALL=default,gram_one_launch,xla_split with one launch per
   # array as the default then. Run s13r1 (thirteenth session) timed
   # IN_CALL=default,gram_one_launch with keys_last the default; run s13r2 the keys_last_*
-  # pipelines (3 slots best, 0.1589 ms, once); its second run is the default now.
+  # pipelines (3 slots best, 0.1589 ms, once); IN_CALL's default now repeats the best.
   tag="${TAG:-}"
   timeout 100 python -m benchmarks.project_tiles --tag="$tag" --out-dir "$out" \
     --only "${PROJ_ONLY:-}" 2>&1 \
