@@ -21,6 +21,7 @@ other cases run through a patched `factor_grams_kernel` (two Gram arrays, concat
 where the case reads them by index).
 
     python -m benchmarks.lowrank_program_cache [--only a,b] [--tag=-runN]      (GPU)
+        [--in-call default,keys_last_s3 --rounds 3]
 """
 
 import argparse
@@ -183,6 +184,9 @@ TILE_CASES = {
 }
 DEFAULT_ONLY = "default,subspace_tf32"
 D, RANK = 128, 32
+# The kernels of a lowrank call the profiler names: the Mosaic attention kernel (all of
+# the call but the pre-pass) and the factorisation program.
+ATTENTION_KERNEL, PROGRAM_KERNEL = "entry_mosaic_gpu_kernel", "distr_lowrank_factor"
 
 
 def _fn(name):
@@ -208,24 +212,34 @@ def child(name):
   print(json.dumps({"compile_s": time.perf_counter() - t0}))
 
 
-def in_call(names, calls=10):
+def _median(values):
+  return float(np.median(values))
+
+
+def in_call(names, calls=10, rounds=1, shape=(1, 16384, 16), implementation="mosaic",
+            exact=None):
   """{case: GPU ms} of the program, and of the whole call, inside the end-to-end lowrank
-  forward (B=1, H=16, N=16384, d=128, G=4, bf16, mosaic backend), and cuDNN's forward."""
+  forward (`shape` = (B, N, H), d=128, G=4, bf16, `implementation` backend), and the
+  exact forward's (`exact`, default cuDNN's).
+
+  Every case is compiled first (its pipelines swapped in while it traces), then all
+  are timed in turn, the exact forward first, `rounds` times: cases compare within a
+  round and the rounds show the run-to-run drift. A case's numbers are medians over the
+  rounds (`prepass_of_cudnn`: of each round's ratio to that round's exact forward), and
+  with rounds > 1 `prepass_rounds_ms` / `prepass_of_cudnn_rounds` keep every round's."""
   import distrattention_jax as dj  # pylint: disable=import-outside-toplevel
-  orig = lf.factor_grams_kernel
-  sets = timing.make_inputs(1, 16384, 16384, 16, D, jnp.bfloat16, 2)
-  rows = {}
-  cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
-  jax.block_until_ready(cudnn(*sets[0]))
-  totals, _ = kernel_profile.device_kernel_times(cudnn, sets[0], calls)
-  rows["cudnn"] = {"busy_ms": sum(totals.values()) / calls / 1e6}
-  print("cudnn", rows["cudnn"], flush=True)
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
-  stacked = prep.stacked_head_grams
   from distrattention_jax.backends import mosaic as mosaic_backend  # pylint: disable=import-outside-toplevel
+  if exact is None:
+    exact = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+  batch, length, heads = shape
+  sets = timing.make_inputs(batch, length, length, heads, D, jnp.bfloat16, 2)
+  orig = lf.factor_grams_kernel
+  stacked = prep.stacked_head_grams
   gram_tiles, proj_tiles = grams.TILES, project.TILES  # the shipped pipelines
   takes_parts = mosaic_backend.MosaicBackend.takes_map_parts
-  first_out = None
+  compiled = {"cudnn": jax.jit(exact).lower(*sets[0]).compile()}
+  rows, first_out = {}, None
   for n in names:
     kwargs, impl = CASES.get(n, ({}, ORIG))
     tiles = TILE_CASES.get(n, {})
@@ -244,21 +258,16 @@ def in_call(names, calls=10):
                      **kwargs})
     try:
       fn = jax.jit(functools.partial(dj.distr_attention, group_size=D // RANK, block_q=None,
-                                     grouping="lowrank", implementation="mosaic"))
-      out = jax.block_until_ready(fn(*sets[0])).astype(jnp.float32)
+                                     grouping="lowrank", implementation=implementation))
+      # Compiled now, with this case's pipelines: later rounds reuse the executable.
+      compiled[n] = fn.lower(*sets[0]).compile()
+      out = jax.block_until_ready(compiled[n](*sets[0])).astype(jnp.float32)
       if first_out is None:
         first_out = out
       # Every case against the first (same inputs): a check that a variant computes the
       # same attention (its maps may differ in their last bits: ~1e-3).
-      diff = float(jnp.linalg.norm(out - first_out) / jnp.linalg.norm(first_out))
-      totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
-      rows[n] = {"program_ms": totals["distr_lowrank_factor"] / calls / 1e6,
-                 "busy_ms": sum(totals.values()) / calls / 1e6,
-                 "attention_ms": totals["entry_mosaic_gpu_kernel"] / calls / 1e6}
-      rows[n]["prepass_ms"] = rows[n]["busy_ms"] - rows[n]["attention_ms"]
-      rows[n]["prepass_of_cudnn"] = rows[n]["prepass_ms"] / rows["cudnn"]["busy_ms"]
-      rows[n]["kernels_ms"] = {k2: v / calls / 1e6 for k2, v in totals.items()}
-      rows[n]["rel_diff_to_first_case"] = diff
+      rows[n] = {"rel_diff_to_first_case":
+                 float(jnp.linalg.norm(out - first_out) / jnp.linalg.norm(first_out))}
     except Exception as e:  # noqa: BLE001
       rows[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
@@ -266,9 +275,44 @@ def in_call(names, calls=10):
       prep.stacked_head_grams = stacked
       grams.TILES, project.TILES = gram_tiles, proj_tiles
       mosaic_backend.MosaicBackend.takes_map_parts = takes_parts
-    short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
-                       {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
-                       if isinstance(v, dict) else v)
+  per_round = {n: [] for n in compiled}  # per round: {kernel: GPU ms per call}
+  for r in range(rounds):
+    for n, fn in compiled.items():
+      jax.block_until_ready(fn(*sets[0]))
+      totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
+      if n != "cudnn" and implementation == "mosaic" and not {
+          ATTENTION_KERNEL, PROGRAM_KERNEL} <= set(totals):
+        raise KeyError(f"{n}: no {ATTENTION_KERNEL} / {PROGRAM_KERNEL} among the "
+                       f"profiled kernels {sorted(totals)}")
+      per_round[n].append({k: v / calls / 1e6 for k, v in totals.items()})
+    this = {n: ks[r] for n, ks in per_round.items()}
+    exact_ms = sum(this.pop("cudnn").values())
+    prepass = {n: sum(k.values()) - k.get(ATTENTION_KERNEL, 0.0) for n, k in this.items()}
+    print(f"round {r}: cudnn {exact_ms:.4f} ms; pre-pass ms (% of cudnn):",
+          ", ".join(f"{n} {p:.4f} ({100 * p / exact_ms:.2f}%)" for n, p in prepass.items()),
+          flush=True)
+  exact_rounds = [sum(k.values()) for k in per_round.pop("cudnn")]
+  rows = {"cudnn": {"busy_ms": _median(exact_rounds),
+                    **({"busy_rounds_ms": exact_rounds} if rounds > 1 else {})}, **rows}
+  for n, kernel_rounds in per_round.items():
+    busy = [sum(k.values()) for k in kernel_rounds]
+    prepass = [b - k.get(ATTENTION_KERNEL, 0.0) for b, k in zip(busy, kernel_rounds)]
+    share = [p / e for p, e in zip(prepass, exact_rounds)]
+    names_ = sorted(set().union(*kernel_rounds))
+    rows[n].update({
+        "program_ms": _median([k.get(PROGRAM_KERNEL, 0.0) for k in kernel_rounds]),
+        "busy_ms": _median(busy),
+        "attention_ms": _median([k.get(ATTENTION_KERNEL, 0.0) for k in kernel_rounds]),
+        "prepass_ms": _median(prepass), "prepass_of_cudnn": _median(share),
+        "kernels_ms": {k2: _median([k.get(k2, 0.0) for k in kernel_rounds])
+                       for k2 in names_}})
+    if rounds > 1:
+      rows[n].update({"prepass_rounds_ms": prepass, "prepass_of_cudnn_rounds": share})
+  short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
+                     {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
+                     if isinstance(v, dict) else
+                     [round(t, 4) for t in v] if isinstance(v, list) else v)
+  for n in rows:
     print("in call", n, {k: short(v) for k, v in rows[n].items()
                          if k not in ("busy_ms", "attention_ms")}, flush=True)
   return rows
@@ -279,6 +323,8 @@ def main(argv=None):
   p.add_argument("--only", default=DEFAULT_ONLY, help="comma list of CASES names")
   p.add_argument("--in-call", default="",
                  help="comma list of CASES names also timed inside an end-to-end call")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="--in-call: time every case this many times in turn (medians)")
   p.add_argument("--compile-timeout", type=float, default=240)
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--tag", default="")
@@ -340,7 +386,8 @@ def main(argv=None):
   result = {"info": info, "programs": 16, "d": D, "rank": RANK, "rows": rows}
   timing.write_json(path, result)
   if args.in_call:
-    result["in_call"] = in_call([n for n in args.in_call.split(",") if n])
+    result["in_call"] = in_call([n for n in args.in_call.split(",") if n],
+                                rounds=args.rounds)
     timing.write_json(path, result)
   print("wrote", path)
 

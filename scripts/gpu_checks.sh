@@ -4,14 +4,25 @@
 # kernel, grouping="lowrank"), then the grouping cost and the lowrank pre-pass cost.
 # Results under $OUT (or benchmarks/results). Usage on a GPU machine, from the repository
 # root:
-#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|grouping|lowrank|profile|prep|prepass|tiles|rescale|all]
+#   PYTHONPATH=. bash scripts/gpu_checks.sh [tests|decide|grouping|lowrank|profile|prep|prepass|tiles|rescale|all]
 # Logs go to files under $OUT; only short summaries are printed (a failing Triton compile
 # prints its whole module, which would fill a device call's output).
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 what="${1:-all}"
 export PYTHONUNBUFFERED=1
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if [ "$what" = decide ]; then
+  # Issue 14's pre-pass target in one call (fourteenth session): the shipped pre-pass and
+  # CANDIDATES (lowrank_program_cache's in-call cases) timed in turn, ROUNDS times, inside
+  # the end-to-end call against cuDNN (B=1, H=16, N=16384, d=128, G=4; medians over the
+  # rounds), then every GPU test as in "tests". A candidate made the default first is
+  # timed as "default"; the pipeline it replaces has its own pinned case.
+  timeout 200 python -m benchmarks.lowrank_program_cache --only default --tag="${TAG:-}" \
+    --in-call "default,${CANDIDATES:-keys_last_s3,gram_keys_last}" --rounds "${ROUNDS:-3}" \
+    --out-dir "$out" > "$out/prepass.log" 2>&1
+  grep -v Warn "$out/prepass.log" | grep "^round\|^wrote\|Error" | cut -c1-300
+fi
+if [ "$what" = tests ] || [ "$what" = decide ] || [ "$what" = all ]; then
   # pytest-xdist (on the GPU image) compiles in parallel, one worker per core but two
   # (pyproject's "-n auto", tests/conftest.py); "worksteal" evens out the long tests.
   workers=$(python -c "import xdist" 2>/dev/null || echo "-o addopts=")

@@ -117,6 +117,26 @@ def test_lowrank_program_cache_cases_run_interpreted():
     lf.factor_pair = cache.ORIG
 
 
+def test_lowrank_program_cache_in_call_rounds_on_cpu():
+  """The in-call timing's bookkeeping (cases compiled once, timed in rounds, medians and
+  per-round shares) on a CPU: the XLA backend and XLA's exact attention stand in for the
+  Mosaic kernels and cuDNN, so the times are host times, not a measurement."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from benchmarks import lowrank_program_cache as cache
+  rows = cache.in_call(["default", "keys_last_s3"], calls=2, rounds=2, shape=(1, 256, 2),
+                       implementation="xla", exact=jax.nn.dot_product_attention)
+  assert list(rows) == ["cudnn", "default", "keys_last_s3"]
+  assert len(rows["cudnn"]["busy_rounds_ms"]) == 2 and rows["cudnn"]["busy_ms"] > 0
+  for name in ("default", "keys_last_s3"):
+    row = rows[name]
+    assert "error" not in row, row
+    assert len(row["prepass_rounds_ms"]) == len(row["prepass_of_cudnn_rounds"]) == 2
+    assert min(row["prepass_rounds_ms"]) <= row["prepass_ms"] <= max(row["prepass_rounds_ms"])
+    assert row["prepass_of_cudnn"] > 0 and row["kernels_ms"]
+  # the XLA path ignores the Mosaic tilings: both cases compute the same attention
+  assert rows["keys_last_s3"]["rel_diff_to_first_case"] < 1e-6
+
+
 def test_gram_tiles_variants_are_supported_tilings():
   """The GPU-only Gram tiling benchmark asks only for tilings the kernel takes at its
   shape (B=1, N=16384, H=16, d=128, bf16), with splits that divide a block's tiles."""
