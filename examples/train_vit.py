@@ -12,8 +12,8 @@ and writes `examples/out/summary.json`, `examples/out/curves.png` and a checkpoi
 run (`examples/out/checkpoint-{exact,distr}/state.msgpack`, used by `--resume`).
 Expected (2-core CPU, XLA path, seed 0, jax 0.12.0.1, 2026-12-06): exact test accuracy
 0.936, DistrAttention 0.936 (2026-11-25: `--grouping greedy --block-q 16` 0.942,
-`--grouping lsh --block-q 16` 0.944), about 75 s of CPU time; other jax versions give
-other figures (README).
+`--grouping lsh --block-q 16` 0.944), about 75 s of CPU time; jax 0.12.1 (2026-12-07):
+exact 0.936, DistrAttention 0.925; other jax versions give other figures (README).
 
 Other data: `--dataset cifar10 --data-dir DIR` reads the CIFAR-10 python batches
 (data_batch_1..5, test_batch) from DIR. `--devices N` trains data-parallel over N local
