@@ -172,8 +172,9 @@ TILE_CASES = {
     "keys_last_proj_c2": {"proj": project.ProjectTiles(consumers=2)},
     "keys_last_r8": {"gram": grams.GramTiles(keys_last=True, reduce_slices=8)},
     "keys_last_r4": {"gram": grams.GramTiles(keys_last=True, reduce_slices=4)},
-    # after run s13r2: three slots (the best there, 0.1589 ms; not yet run a second time
-    # nor through the GPU suite, so not the default), with the others that gained there
+    # after run s13r2: three slots (the best there, 0.1589 ms, once), with the others
+    # that gained there. Timed again in rounds (s15r1-s15r4): no faster than four slots
+    # (median 4.995% of cuDNN's forward against 4.985%), so not the default
     "keys_last_s3_r4": {"gram": grams.GramTiles(keys_last=True, stages=3, reduce_slices=4)},
     "keys_last_s3_proj_c2": {"gram": grams.GramTiles(keys_last=True, stages=3),
                              "proj": project.ProjectTiles(consumers=2)},
@@ -228,10 +229,12 @@ def in_call(names, calls=10, rounds=1, shape=(1, 16384, 16), implementation="mos
   exact forward's (`exact`, default cuDNN's).
 
   Every case is compiled first (its pipelines swapped in while it traces), then all
-  are timed in turn, the exact forward first, `rounds` times: cases compare within a
-  round and the rounds show the run-to-run drift. A case's numbers are medians over the
+  are timed in turn, the exact forward first, `rounds` times, the cases' order rotated
+  by one each round (the place right after the exact forward is slower): cases compare
+  within a round and the rounds show the run-to-run drift. A case's numbers are medians over the
   rounds (`prepass_of_cudnn`: of each round's ratio to that round's exact forward), and
-  with rounds > 1 `prepass_rounds_ms` / `prepass_of_cudnn_rounds` keep every round's."""
+  with rounds > 1 `prepass_rounds_ms` / `prepass_of_cudnn_rounds` keep every round's
+  (`timed_after_cudnn_rounds`: the rounds in which the case came first)."""
   import distrattention_jax as dj  # pylint: disable=import-outside-toplevel
   from distrattention_jax import prep  # pylint: disable=import-outside-toplevel
   from distrattention_jax.backends import mosaic as mosaic_backend  # pylint: disable=import-outside-toplevel
@@ -281,8 +284,16 @@ def in_call(names, calls=10, rounds=1, shape=(1, 16384, 16), implementation="mos
       grams.TILES, project.TILES = gram_tiles, proj_tiles
       mosaic_backend.MosaicBackend.takes_map_parts = takes_parts
   per_round = {n: [] for n in compiled}  # per round: {kernel: GPU ms per call}
+  cases, orders = [n for n in compiled if n != "cudnn"], []
   for r in range(rounds):
-    for n, fn in compiled.items():
+    # The exact forward first, then the cases rotated by one each round: the case timed
+    # right after cuDNN ran slower (the same 4-slot pipeline: 5.07% of cuDNN there,
+    # 4.98-4.99% later in the round, its attention kernel 2.44-2.51 ms against 2.39;
+    # H100, 2026-12-07, runs s15r3/s15r4), so no case may hold that place every round.
+    shift = r % len(cases) if cases else 0
+    orders.append(cases[shift:] + cases[:shift])
+    for n in ["cudnn"] + orders[-1]:
+      fn = compiled[n]
       jax.block_until_ready(fn(*sets[0]))
       totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
       if n != "cudnn" and implementation == "mosaic" and not {
@@ -312,7 +323,9 @@ def in_call(names, calls=10, rounds=1, shape=(1, 16384, 16), implementation="mos
         "kernels_ms": {k2: _median([k.get(k2, 0.0) for k in kernel_rounds])
                        for k2 in names_}})
     if rounds > 1:
-      rows[n].update({"prepass_rounds_ms": prepass, "prepass_of_cudnn_rounds": share})
+      rows[n].update({"prepass_rounds_ms": prepass, "prepass_of_cudnn_rounds": share,
+                      "timed_after_cudnn_rounds": [r for r, o in enumerate(orders)
+                                                   if o[0] == n]})
   short = lambda v: (round(v, 4) if isinstance(v, float) else  # noqa: E731
                      {k.replace("_mosaic_gpu_kernel", ""): round(t, 4) for k, t in v.items()}
                      if isinstance(v, dict) else

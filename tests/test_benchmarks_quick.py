@@ -123,14 +123,17 @@ def test_lowrank_program_cache_in_call_rounds_on_cpu():
   Mosaic kernels and cuDNN, so the times are host times, not a measurement."""
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import lowrank_program_cache as cache
-  rows = cache.in_call(["default", "keys_last_s3"], calls=2, rounds=2, shape=(1, 256, 2),
+  rows = cache.in_call(["default", "keys_last_s3"], calls=2, rounds=3, shape=(1, 256, 2),
                        implementation="xla", exact=jax.nn.dot_product_attention)
   assert list(rows) == ["cudnn", "default", "keys_last_s3"]
-  assert len(rows["cudnn"]["busy_rounds_ms"]) == 2 and rows["cudnn"]["busy_ms"] > 0
+  assert len(rows["cudnn"]["busy_rounds_ms"]) == 3 and rows["cudnn"]["busy_ms"] > 0
+  # the order rotates: each case comes right after the exact forward in turn
+  assert rows["default"]["timed_after_cudnn_rounds"] == [0, 2]
+  assert rows["keys_last_s3"]["timed_after_cudnn_rounds"] == [1]
   for name in ("default", "keys_last_s3"):
     row = rows[name]
     assert "error" not in row, row
-    assert len(row["prepass_rounds_ms"]) == len(row["prepass_of_cudnn_rounds"]) == 2
+    assert len(row["prepass_rounds_ms"]) == len(row["prepass_of_cudnn_rounds"]) == 3
     assert min(row["prepass_rounds_ms"]) <= row["prepass_ms"] <= max(row["prepass_rounds_ms"])
     assert row["prepass_of_cudnn"] > 0 and row["kernels_ms"]
   # the XLA path ignores the Mosaic tilings: both cases compute the same attention
