@@ -293,14 +293,12 @@ def in_call(names, calls=10, rounds=1, shape=(1, 16384, 16), implementation="mos
     shift = r % len(cases) if cases else 0
     orders.append(cases[shift:] + cases[:shift])
     for n in ["cudnn"] + orders[-1]:
-      fn = compiled[n]
-      jax.block_until_ready(fn(*sets[0]))
-      totals, _ = kernel_profile.device_kernel_times(fn, sets[0], calls)
+      kernels = kernel_profile.kernel_ms_per_call(compiled[n], sets[0], calls)
       if n != "cudnn" and implementation == "mosaic" and not {
-          ATTENTION_KERNEL, PROGRAM_KERNEL} <= set(totals):
+          ATTENTION_KERNEL, PROGRAM_KERNEL} <= set(kernels):
         raise KeyError(f"{n}: no {ATTENTION_KERNEL} / {PROGRAM_KERNEL} among the "
-                       f"profiled kernels {sorted(totals)}")
-      per_round[n].append({k: v / calls / 1e6 for k, v in totals.items()})
+                       f"profiled kernels {sorted(kernels)}")
+      per_round[n].append(kernels)
     this = {n: ks[r] for n, ks in per_round.items()}
     exact_ms = sum(this.pop("cudnn").values())
     prepass = {n: _prepass_ms(k) for n, k in this.items()}
